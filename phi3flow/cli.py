@@ -1,0 +1,48 @@
+"""The `phi3flow` command: wires each stage's own entry point, importing only the one asked for.
+
+Stages import heavy libraries (torch, azure-ai-ml); a light tool install must still run `--help`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with main(argv) -> int, one-line help); in pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("phi3flow.finetune.data", "prepare train/test JSONL (ultrachat_200k, offline sample, or your file)"),
+    "finetune": ("phi3flow.finetune.train", "LoRA/QLoRA fine-tune a chat model"),
+    "azure": ("phi3flow.finetune.azure", "submit fine-tuning, register and deploy on Azure Machine Learning"),
+    "serve": ("phi3flow.serve", "serve a model locally under azmlinfsrv with the AzureML endpoint contract"),
+    "connect": ("phi3flow.connect", "create the Prompt Flow CustomConnection for an endpoint"),
+    "demo": ("phi3flow.demo", "end to end: local endpoint on the embedded model -> connection -> pf flow test"),
+    "eval": ("phi3flow.evaluation.compare", "evaluate endpoints over test data and compare them"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: phi3flow <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'phi3flow <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        from phi3flow import __version__
+
+        print(__version__)
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"phi3flow: unknown command '{args[0]}'.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
