@@ -1,0 +1,280 @@
+"""AzureML scoring script: the endpoint contract over a chat model, with an optional LoRA adapter.
+
+Runs unchanged in a managed online deployment and locally under `azmlinfsrv` (see `phi3flow serve`).
+Contract: POST {"input_data": {"input_string": [{"role", "content"}...], "parameters": {...}}}
+-> {"output": "<assistant text>"}. Bad input gets a 4xx naming the field; never a 500 or a traceback.
+
+Conversations longer than the model's context are left-truncated: the oldest turns after the system
+prompt are dropped (the response header `x-phi3flow-truncated-turns` says how many) until the prompt
+plus `max_new_tokens` fits; if the last user turn alone does not fit, the request is refused (400).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from azureml_inference_server_http.api.aml_request import rawhttp
+from azureml_inference_server_http.api.aml_response import AMLResponse
+
+log = logging.getLogger("phi3flow.score")
+
+KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # set by `phi3flow serve`; in Azure the endpoint itself checks keys
+BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base_model_name_or_path
+MAX_BODY_BYTES = 1 << 20
+ROLES = ("system", "user", "assistant")
+# Tokens that end a turn in common chat templates; only those present in the tokenizer are used.
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class BadRequest(Exception):
+    """A client error: the message names the field and what is expected."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Param(NamedTuple):
+    """One generation parameter's type and allowed range (dataclasses need sys.modules, which azmlinfsrv's loader skips)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise BadRequest(f"parameters.{name} must be true or false, got {json.dumps(value)}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadRequest(f"parameters.{name} must be a number, got {json.dumps(value)}")
+        if self.kind is int and value != int(value):
+            raise BadRequest(f"parameters.{name} must be a whole number, got {value}")
+        low_ok = value > self.low if self.low_open else value >= self.low
+        if not low_ok or value > self.high:
+            bracket = "(" if self.low_open else "["
+            raise BadRequest(f"parameters.{name} must be in {bracket}{self.low:g}, {self.high:g}], got {value}")
+        return self.kind(value)
+
+
+PARAMS: dict[str, Param] = {
+    "temperature": Param(float, 0.0, 2.0),
+    "top_p": Param(float, 0.0, 1.0, low_open=True),
+    "max_new_tokens": Param(int, 1, 4096),
+    "do_sample": Param(bool, 0, 1),
+    "repetition_penalty": Param(float, 0.0, 10.0, low_open=True),
+}
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "repetition_penalty": 1.0}
+
+
+class ChatRequest(NamedTuple):
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Validate a raw request body against the endpoint contract."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON ({exc}); send {{\"input_data\": {{...}}}}") from None
+    if not isinstance(data, dict) or "input_data" not in data:
+        raise BadRequest('missing "input_data": send {"input_data": {"input_string": [{"role": "user", "content": "..."}]}}')
+    input_data = data["input_data"]
+    if not isinstance(input_data, dict):
+        raise BadRequest("input_data must be an object with input_string (a list of turns) and optional parameters")
+    turns = input_data.get("input_string")
+    if not isinstance(turns, list) or not turns:
+        raise BadRequest('input_data.input_string must be a non-empty list of {"role": ..., "content": ...} turns')
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"input_data.input_string[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRequest(f'{where} must be an object {{"role": ..., "content": ...}}')
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string, got {json.dumps(content)[:80]}")
+        if role == "system" and i != 0:
+            raise BadRequest(f"{where}: a system turn is only allowed first")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise BadRequest("input_data.input_string must end with a user turn (the one to answer)")
+    raw_params = input_data.get("parameters", {})
+    if raw_params is None:
+        raw_params = {}
+    if not isinstance(raw_params, dict):
+        raise BadRequest("input_data.parameters must be an object, e.g. {\"temperature\": 0.7, \"max_new_tokens\": 128}")
+    unknown = sorted(set(raw_params) - set(PARAMS))
+    if unknown:
+        raise BadRequest(f"unknown parameter(s) {', '.join(unknown)} in input_data.parameters; supported: {', '.join(PARAMS)}")
+    params = {**DEFAULTS, **{name: PARAMS[name].check(name, value) for name, value in raw_params.items()}}
+    return ChatRequest(messages, params)
+
+
+def find_model_folder(root: Path) -> Path:
+    """The folder holding the model: AZUREML_MODEL_DIR itself, a registered model's subfolder, or an MLflow one."""
+    markers = ("adapter_config.json", "config.json")
+    candidates = [root] + sorted(p.parent for marker in markers for p in root.rglob(marker))
+    for folder in candidates:
+        if any((folder / marker).is_file() for marker in markers):
+            return folder
+    raise FileNotFoundError(f"No model found under {root}: expected a Hugging Face folder (config.json) or a LoRA adapter (adapter_config.json)")
+
+
+class ChatModel:
+    """A causal LM with its tokenizer and chat template; generation stops at the end-of-turn token."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.stop_ids = self._stop_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "ChatModel":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = find_model_folder(Path(model_dir))
+        cuda = torch.cuda.is_available()
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
+        adapter = folder / "adapter_config.json"
+        base = folder
+        if adapter.is_file():
+            base = os.environ.get(BASE_MODEL_ENV) or json.loads(adapter.read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        if adapter.is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder)
+            log.info("Loaded LoRA adapter %s on base %s", folder, base)
+        has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
+        if cuda:
+            model = model.to("cuda")
+        return cls(model, tokenizer)
+
+    def _stop_ids(self) -> list[int]:
+        ids: list[int] = []
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids += eos if isinstance(eos, list) else [eos]
+        ids.append(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt, dropping the oldest turns if needed; returns (ids, turns dropped)."""
+        budget = self.context - max_new_tokens
+        if budget <= 0:
+            raise BadRequest(f"parameters.max_new_tokens must be below the model's context of {self.context} tokens")
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        for dropped in range(len(turns)):
+            window = turns[dropped:]
+            if window[0]["role"] != "user":
+                continue
+            try:
+                ids = self.tokenizer.apply_chat_template(system + window, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            except Exception as exc:  # jinja errors: the template rejects this conversation shape
+                raise BadRequest(f"input_data.input_string was rejected by the model's chat template: {exc}") from None
+            if len(ids) <= budget:
+                return list(ids), dropped
+        raise BadRequest(
+            f"the last user turn needs more than {budget} tokens (context {self.context} minus max_new_tokens "
+            f"{max_new_tokens}); shorten it or lower parameters.max_new_tokens"
+        )
+
+    def generate(self, request: ChatRequest) -> tuple[str, int]:
+        p = request.params
+        ids, dropped = self.encode(request.messages, p["max_new_tokens"])
+        sample = p.get("do_sample", True) and p["temperature"] > 0
+        options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": p["max_new_tokens"], "repetition_penalty": p["repetition_penalty"]}
+        if sample:
+            options.update(temperature=p["temperature"], top_p=p["top_p"])
+        else:  # greedy: unset sampling knobs so generation_config defaults don't warn
+            options.update(temperature=None, top_p=None, top_k=None)
+        device = next(self.model.parameters()).device
+        inputs = self.torch.tensor([ids], device=device)
+        with self.lock, self.torch.inference_mode():
+            out = self.model.generate(
+                input_ids=inputs,
+                attention_mask=self.torch.ones_like(inputs),
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+                **options,
+            )
+        text = self.tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)
+        return text.strip(), dropped
+
+
+_model: ChatModel | None = None
+_key: bytes | None = None
+
+
+def init() -> None:
+    """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR."""
+    global _model, _key
+    key = os.environ.get(KEY_ENV)
+    if key is not None and not key.strip():
+        raise RuntimeError(f"{KEY_ENV} is set but empty: give a non-empty key or unset it")
+    _key = key.encode() if key else None
+    model_dir = os.environ.get("AZUREML_MODEL_DIR")
+    if not model_dir:
+        raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
+    _model = ChatModel.load(model_dir)
+    log.info("Model ready (context %d tokens)", _model.context)
+
+
+def _authorized(header: str | None) -> bool:
+    """Constant-time check of `Authorization: Bearer <key>` when a key is configured."""
+    if _key is None:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    # compare_digest runs in time independent of where the tokens differ
+    return hmac.compare_digest(token.strip().encode(), _key) and scheme.lower() == "bearer"
+
+
+def _json(payload: dict, status: int, headers: dict[str, str] | None = None) -> AMLResponse:
+    return AMLResponse(payload, status, headers or {}, json_str=True)
+
+
+def score(body: bytes) -> tuple[dict, int, dict[str, str]]:
+    """The contract without HTTP: (payload, status, headers). Used by run() and by tests."""
+    try:
+        request = parse_request(body)
+        answer, dropped = _model.generate(request)
+    except BadRequest as exc:
+        return {"message": str(exc)}, exc.status, {}
+    headers = {"x-phi3flow-truncated-turns": str(dropped)} if dropped else {}
+    return {"output": answer}, 200, headers
+
+
+@rawhttp
+def run(request: Any) -> AMLResponse:
+    """Entry point for each request (raw HTTP so errors keep their 4xx status)."""
+    if not _authorized(request.headers.get("Authorization")):
+        return _json({"message": "missing or wrong key: send 'Authorization: Bearer <key>'"}, 401, {"WWW-Authenticate": "Bearer"})
+    if request.method != "POST":
+        return _json({"message": "POST a JSON body to /score"}, 405, {"Allow": "POST"})
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        return _json({"message": f"request body is over the {MAX_BODY_BYTES}-byte limit"}, 413)
+    payload, status, headers = score(request.get_data(cache=False))
+    return _json(payload, status, headers)

@@ -1,0 +1,328 @@
+"""`phi3flow finetune`: LoRA/QLoRA fine-tuning of a chat model with transformers' Trainer and peft.
+
+A thin layer over library calls: the Trainer already does the optimizer, schedule, evaluation,
+checkpoints and resume; this module supplies what it cannot know: assistant-only labels from the chat
+template, a pad token distinct from end-of-turn, padding-free packing, LoRA targets checked against the
+architecture, and an output folder that the scoring script loads as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProgressCallback,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from phi3flow.embedded import embedded_model_dir
+from phi3flow.finetune.chat import (
+    IGNORE_INDEX,
+    ChatTemplateError,
+    end_of_turn_id,
+    ensure_distinct_pad,
+    tokenize_conversation,
+)
+from phi3flow.finetune.config import (
+    DEFAULT_CONFIG,
+    EMBEDDED,
+    ConfigError,
+    TrainConfig,
+    add_config_flags,
+    load_config,
+    overrides_from,
+)
+from phi3flow.finetune.data import DataError, Row, read_jsonl
+
+log = logging.getLogger("phi3flow.finetune")
+
+METADATA_FILE = "phi3flow_metadata.json"
+MERGED_DIR = "merged"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start: missing dependency, unusable model or LoRA targets."""
+
+
+@dataclass
+class Prepared:
+    """A ready Trainer plus what the output folder must record about how it was built."""
+
+    trainer: Trainer
+    tokenizer: PreTrainedTokenizerBase
+    base_model_path: str
+    end_of_turn: int
+    quantized: bool
+
+
+def resolve_model(name: str) -> str:
+    """The `embedded` sentinel becomes the converted local folder; anything else passes through."""
+    return str(embedded_model_dir()) if name == EMBEDDED else name
+
+
+def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
+    """Load the base model: 4-bit nf4 with bf16 compute when CUDA allows, else full precision on CPU."""
+    cuda = torch.cuda.is_available()
+    if cfg.load_in_4bit and not cuda:
+        log.warning("QLoRA needs CUDA (bitsandbytes 4-bit); no GPU here, so this trains plain LoRA in fp32.")
+    if cfg.bf16 and not cuda:
+        log.warning("bf16 is for CUDA here; training in fp32 on CPU.")
+    bf16 = cfg.bf16 and cuda
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    quantized = cfg.load_in_4bit and cuda
+    if quantized:
+        try:
+            import bitsandbytes  # noqa: F401  (only checks that QLoRA can run)
+        except ImportError as exc:
+            raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or set load_in_4bit: false)") from exc
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+        )
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model, quantized
+
+
+def check_target_modules(model: PreTrainedModel, targets: list[str]) -> None:
+    """Fail when a named LoRA target matches no layer: peft adapts the rest silently (Phi-3's fused qkv)."""
+    if targets == ["all-linear"]:
+        return
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in targets if target not in leaf_names]
+    if missing:
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+            - {"lm_head"}
+        )
+        raise TrainError(
+            f"LoRA target(s) {', '.join(missing)} match no layer of {type(model).__name__}; "
+            f"its linear layers are: {', '.join(linear)} (or use all-linear)"
+        )
+
+
+def apply_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
+    check_target_modules(model, cfg.target_modules)
+    targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def tokenize_rows(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, max_length: int, end_of_turn: int, name: str
+) -> list[dict[str, Any]]:
+    """Tokenize conversations; rows whose assistant tokens all fall past max_length are dropped, loudly."""
+    examples = [tokenize_conversation(tokenizer, row["messages"], max_length, end_of_turn) for row in rows]
+    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
+    truncated = sum(len(ex["input_ids"]) >= max_length for ex in examples)
+    if truncated:
+        log.warning("%s: %d of %d conversations truncated to max_seq_length %d", name, truncated, len(rows), max_length)
+    if len(kept) < len(examples):
+        log.warning("%s: %d conversation(s) have no assistant token within max_seq_length and are skipped",
+                    name, len(examples) - len(kept))
+    if not kept:
+        raise DataError(f"{name}: no conversation has an assistant token within max_seq_length {max_length}")
+    return kept
+
+
+class LossProgressCallback(ProgressCallback):
+    """The default bar shows steps and ETA; this puts the latest loss on it instead of a dict line per log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+
+
+def training_arguments(cfg: TrainConfig, bf16: bool) -> TrainingArguments:
+    evaluate = cfg.eval_steps > 0
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the total steps
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        report_to="none",
+    )
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Load data, tokenizer and model, wrap with LoRA, and build the Trainer (nothing trained yet)."""
+    train_rows, test_rows = read_jsonl(cfg.train_file), read_jsonl(cfg.test_file)
+    base = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    end_of_turn = end_of_turn_id(tokenizer)
+    ensure_distinct_pad(tokenizer, end_of_turn)
+    train_set = tokenize_rows(train_rows, tokenizer, cfg.max_seq_length, end_of_turn, cfg.train_file)
+    test_set = tokenize_rows(test_rows, tokenizer, cfg.max_seq_length, end_of_turn, cfg.test_file)
+
+    transformers.set_seed(cfg.seed)  # LoRA weights are initialised before the Trainer seeds anything
+    model, quantized = load_model(cfg, base)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_lora(model, cfg)
+    # Packing concatenates a batch into one row; position ids restart per conversation and the attention
+    # mask is rebuilt from them, so conversations never see each other and no pad token is computed.
+    collator = (
+        DataCollatorWithFlattening()
+        if cfg.packing
+        else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    )
+    bf16 = cfg.bf16 and torch.cuda.is_available()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, bf16),
+        train_dataset=train_set,
+        eval_dataset=test_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgressCallback)
+    return Prepared(trainer, tokenizer, base, end_of_turn, quantized)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def merge_adapter(adapter_dir: Path, base: str, bf16: bool, end_of_turn: int) -> Path:
+    """Write base + adapter as one plain model; reloads the base unquantised so QLoRA runs merge too."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    eos = merged.generation_config.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if end_of_turn not in eos_ids:  # generation must stop at the end of the assistant's turn
+        merged.generation_config.eos_token_id = [*eos_ids, end_of_turn]
+    target = adapter_dir / MERGED_DIR
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(target)
+    return target
+
+
+def run(cfg: TrainConfig, resume: bool = False, merge: bool = False) -> dict[str, Any]:
+    """Train, evaluate, save the adapter folder (and merged model); returns the metadata written."""
+    prepared = prepare(cfg)
+    trainer, tokenizer = prepared.trainer, prepared.tokenizer
+    checkpoint = get_last_checkpoint(trainer.args.output_dir) if Path(trainer.args.output_dir).is_dir() else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s; starting from the beginning", trainer.args.output_dir)
+    elif checkpoint and not resume:
+        log.warning("%s holds checkpoints from an earlier run; starting over (pass --resume to continue)",
+                    trainer.args.output_dir)
+    train_metrics = trainer.train(resume_from_checkpoint=checkpoint if resume else None).metrics
+    eval_metrics = trainer.evaluate()
+
+    out = Path(cfg.output_dir)
+    trainer.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    bf16 = trainer.args.bf16
+    metadata = {
+        "base_model": cfg.model,
+        "base_model_name_or_path": prepared.base_model_path,
+        "data": {name: {"path": path, "sha256": sha256_file(path)}
+                 for name, path in (("train", cfg.train_file), ("test", cfg.test_file))},
+        "config": cfg.to_dict(),
+        "quantized_4bit": prepared.quantized,
+        "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn),
+        "pad_token": tokenizer.pad_token,
+        "metrics": {"train_loss": train_metrics.get("train_loss"), "eval_loss": eval_metrics.get("eval_loss"),
+                    "global_step": trainer.state.global_step,
+                    "train_tokens_per_second": train_metrics.get("train_tokens_per_second")},
+        "versions": {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
+        "merged": None,
+    }
+    if merge:
+        metadata["merged"] = str(merge_adapter(out, prepared.base_model_path, bf16, prepared.end_of_turn))
+    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi3flow finetune",
+        description="LoRA/QLoRA fine-tune a chat model on train/test JSONL (see 'phi3flow data').",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"YAML file or shipped config name: {DEFAULT_CONFIG} (CPU), phi3-mini-qlora (GPU)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--merge", action="store_true", help=f"also write base + adapter merged in {MERGED_DIR}/")
+    add_config_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_warning()
+    try:
+        cfg = load_config(args.config, overrides_from(args))
+        metadata = run(cfg, resume=args.resume, merge=args.merge)
+    except (ConfigError, DataError, ChatTemplateError, TrainError) as exc:
+        print(f"phi3flow finetune: {exc}", file=sys.stderr)
+        return 1
+    metrics = metadata["metrics"]
+    print(f"Adapter written to {cfg.output_dir} after {metrics['global_step']} steps "
+          f"(train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}).")
+    if metadata["merged"]:
+        print(f"Merged model written to {metadata['merged']}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

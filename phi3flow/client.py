@@ -1,0 +1,209 @@
+"""The one client for the AzureML chat endpoint contract, shared by the Prompt Flow tool, evaluation and agents.
+
+One pooled `requests.Session` per endpoint; retries come from urllib3's `Retry` (exponential backoff
+with jitter on 429/502/503/504 and connection errors, honouring `Retry-After`, no retry on other 4xx).
+The total time of a call is bounded: at most `retries + 1` attempts, each within the connect/read
+timeouts, with waits between them capped at `max_backoff` seconds (a long `Retry-After` included).
+Errors say what to do next, and never contain the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MODEL_ERROR_HEADER = "ms-azureml-model-error-reason"
+
+
+class EndpointError(RuntimeError):
+    """The endpoint call failed; the message says why and what to check. `status` is the HTTP status if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class _CappedRetry(Retry):
+    """urllib3 Retry whose server-requested waits (Retry-After) are capped like its own backoff."""
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), self.backoff_max)
+
+
+class EndpointClient:
+    """Calls one endpoint: `chat(messages, **parameters) -> str`."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        key: str,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        retries: int = 4,
+        backoff_factor: float = 0.5,
+        max_backoff: float = 20.0,
+        pool_size: int = 32,
+    ):
+        parts = urlsplit(endpoint or "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EndpointError(
+                f"endpoint {endpoint!r} is not an http(s) URL; use the scoring URI, e.g. https://<name>.<region>.inference.ml.azure.com/score"
+            )
+        if not key or not key.strip():
+            raise EndpointError("the endpoint key is empty: set the connection's secrets.key to the endpoint's primary key")
+        if not key.isascii() or not key.isprintable():
+            raise EndpointError("the endpoint key contains non-ASCII or control characters: copy it again from the endpoint's Consume tab")
+        self.endpoint = endpoint
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = requests.Session()
+        self.session.headers.update({"Authorization": f"Bearer {key.strip()}", "Content-Type": "application/json"})
+        retry = _CappedRetry(
+            total=retries,
+            connect=retries,
+            read=0,  # a read timeout means the model is busy generating: retrying would only pile on load
+            status=retries,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # POST is safe to retry here: scoring has no side effects
+            backoff_factor=backoff_factor,
+            backoff_max=max_backoff,
+            backoff_jitter=backoff_factor,
+            respect_retry_after_header=True,
+            raise_on_status=False,  # hand the last response back so its status is explained below
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __repr__(self) -> str:
+        return f"EndpointClient({self.endpoint!r})"
+
+    def chat(self, messages: list[dict[str, str]], **parameters: Any) -> str:
+        """Send a conversation (role/content turns, last one the user's) and return the assistant's answer."""
+        body = {"input_data": {"input_string": messages, "parameters": {k: v for k, v in parameters.items() if v is not None}}}
+        try:
+            response = self.session.post(self.endpoint, json=body, timeout=self.timeout)
+        except requests.exceptions.ConnectTimeout:
+            raise EndpointError(f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network") from None
+        except requests.exceptions.ReadTimeout:
+            raise EndpointError(
+                f"{self._host()} gave no answer within {self.timeout[1]:g} s: the model may be overloaded; "
+                "lower max_new_tokens or raise the client's read timeout"
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise EndpointError(f"cannot reach {self._host()} ({_reason(exc)}): is the endpoint running and the URL right?") from None
+        return self._answer(response)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _host(self) -> str:
+        parts = urlsplit(self.endpoint)
+        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+    def _answer(self, response: requests.Response) -> str:
+        status = response.status_code
+        if status == 200:
+            try:
+                payload = response.json()
+            except ValueError:
+                raise EndpointError(f"{self.endpoint} answered 200 with a body that is not JSON: is this the scoring URL?", status) from None
+            if not isinstance(payload, dict) or not isinstance(payload.get("output"), str):
+                got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+                raise EndpointError(
+                    f'{self.endpoint} answered without a string "output" field (got {got}): the deployment\'s score.py '
+                    'must return {"output": "<assistant text>"}',
+                    status,
+                )
+            return payload["output"]
+        detail = _detail(response)
+        if status in (401, 403):
+            message = f"the endpoint refused the key (HTTP {status}): check the connection's key (secrets.key) for {self.endpoint}"
+        elif status == 404:
+            message = f"no scoring route at {self.endpoint} (HTTP 404): check the URL; AzureML endpoints end in /score"
+        elif status == 408:
+            message = ("the model took longer than the deployment's request timeout (HTTP 408): raise "
+                       "request_settings.request_timeout_ms on the deployment or lower max_new_tokens")
+        elif status == 424:
+            reason = response.headers.get(MODEL_ERROR_HEADER)
+            message = f"the model container failed (HTTP 424{': ' + reason if reason else ''}): check the deployment's logs"
+        elif status in RETRY_STATUSES:
+            message = f"the endpoint was still busy or unavailable (HTTP {status}) after retrying: try again later or scale the deployment"
+        elif 400 <= status < 500:
+            message = f"the endpoint rejected the request (HTTP {status})"
+        else:
+            message = f"the endpoint failed (HTTP {status})"
+        raise EndpointError(f"{message}{': ' + detail if detail else ''}", status)
+
+
+def _detail(response: requests.Response) -> str:
+    """The server's own error message, short."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text.strip()[:300]
+    if isinstance(payload, dict):
+        for field in ("message", "error", "detail"):
+            if isinstance(payload.get(field), str):
+                return payload[field][:300]
+    return str(payload)[:300]
+
+
+def _reason(exc: requests.exceptions.ConnectionError) -> str:
+    text = str(exc).lower()
+    if "refused" in text:
+        return "connection refused"
+    if "name or service not known" in text or "nodename nor servname" in text or "failed to resolve" in text:
+        return "host name not found"
+    if "max retries exceeded" in text:
+        return "no connection after retrying"
+    return type(exc).__name__
+
+
+_clients: dict[tuple[str, str], EndpointClient] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(endpoint: str, key: str, **options: Any) -> EndpointClient:
+    """The pooled client for an endpoint (one connection pool per endpoint and key, reused across calls)."""
+    cache_key = (endpoint, hashlib.sha256(f"{key}|{sorted(options.items())}".encode()).hexdigest())
+    with _clients_lock:
+        if cache_key not in _clients:
+            _clients[cache_key] = EndpointClient(endpoint, key, **options)
+        return _clients[cache_key]
+
+
+def to_messages(question: str, chat_history: list[dict] | None = None, system_prompt: str = "") -> list[dict[str, str]]:
+    """Prompt Flow chat history ([{"inputs": {...}, "outputs": {...}}]) plus the new question -> role/content turns.
+
+    Each history turn's chat input and chat output are taken as the single string value of its
+    `inputs` and `outputs` (or the conventional `question`/`input_data` and `answer`/`output` keys).
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for i, turn in enumerate(chat_history or []):
+        if not isinstance(turn, dict) or not isinstance(turn.get("inputs"), dict) or not isinstance(turn.get("outputs"), dict):
+            raise ValueError(f'chat_history[{i}] must look like {{"inputs": {{"input_data": ...}}, "outputs": {{"answer": ...}}}}')
+        messages.append({"role": "user", "content": _turn_text(turn["inputs"], ("input_data", "question", "chat_input"), f"chat_history[{i}].inputs")})
+        messages.append({"role": "assistant", "content": _turn_text(turn["outputs"], ("answer", "output", "chat_output"), f"chat_history[{i}].outputs")})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def _turn_text(values: dict, names: tuple[str, ...], where: str) -> str:
+    for name in names:
+        if isinstance(values.get(name), str):
+            return values[name]
+    strings = [v for v in values.values() if isinstance(v, str)]
+    if len(strings) == 1:
+        return strings[0]
+    raise ValueError(f"{where} has no text to use: expected one of {', '.join(names)}")

@@ -1,0 +1,149 @@
+"""`phi3flow serve`: run the AzureML scoring script locally under azmlinfsrv, with key auth, on loopback.
+
+The same score.py and the same inference server as a managed online deployment, so what works here
+works in Azure. The key travels to the server in its environment, never on a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from phi3flow.gunicorn_loopback import HOST_ENV
+
+HOST = "127.0.0.1"
+
+
+def _score_script() -> Path:
+    """score.py from the installed package (works for editable and wheel installs alike)."""
+    from phi3flow.deploy import score  # noqa: F401  (import only to locate the file)
+
+    return Path(score.__file__).resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def resolve_model_dir(model_dir: str | None) -> Path:
+    """A local model folder: the one given, or the embedded default model (converted on first use)."""
+    if model_dir:
+        path = Path(model_dir).expanduser()
+        if not path.is_dir():
+            raise SystemExit(f"phi3flow serve: --model-dir {model_dir} is not a folder. Give a Hugging Face model or LoRA adapter folder.")
+        return path.resolve()
+    from phi3flow.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+class LocalEndpoint:
+    """A local managed-online-endpoint look-alike: azmlinfsrv + score.py, started and stopped by us."""
+
+    def __init__(self, model_dir: Path, port: int | None = None, key: str | None = None, log_file: Path | None = None,
+                 workers: int = 1):
+        self.model_dir = Path(model_dir)
+        self.port = port or free_port()
+        self.key = key or secrets.token_urlsafe(32)
+        self.workers = workers
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}/score"
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            AZUREML_MODEL_DIR=str(self.model_dir),
+            PHI3FLOW_ENDPOINT_KEY=self.key,
+            GUNICORN_CMD_ARGS=f"-c python:phi3flow.gunicorn_loopback {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
+            WORKER_COUNT=str(self.workers),
+            AML_APP_ROOT=str(_score_script().parent),
+        )
+        env[HOST_ENV] = HOST
+        return env
+
+    def start(self) -> "LocalEndpoint":
+        server = Path(sys.executable).with_name("azmlinfsrv")
+        command = [str(server), "--entry_script", str(_score_script()), "--port", str(self.port)]
+        output = open(self.log_file, "ab") if self.log_file else None
+        self.process = subprocess.Popen(command, env=self.environment(), stdout=output, stderr=subprocess.STDOUT if output else None,
+                                        start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> "LocalEndpoint":
+        """Block until the health route answers and the model answers a request; fail fast if the server dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the local endpoint exited with code {self.process.returncode}{self._log_tail()}")
+            try:
+                if requests.get(f"http://{HOST}:{self.port}/", timeout=5).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"the local endpoint did not become ready within {timeout:.0f} s{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        if not self.log_file or not Path(self.log_file).is_file():
+            return ""
+        tail = Path(self.log_file).read_text(errors="replace").splitlines()[-20:]
+        return "; server log tail:\n" + "\n".join(tail)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> "LocalEndpoint":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="phi3flow serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="model folder (Hugging Face, MLflow or LoRA adapter); default: the embedded model")
+    parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")
+    parser.add_argument("--key", help="the endpoint key clients must send as 'Authorization: Bearer <key>'; generated when omitted")
+    parser.add_argument("--workers", type=int, default=1, help="inference server worker processes (each loads the model)")
+    args = parser.parse_args(argv)
+    if args.key is not None and not args.key.strip():
+        parser.error("--key must not be empty")
+    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=args.key, workers=args.workers)
+    if args.key is None:
+        print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
+    endpoint.start()
+    try:
+        try:
+            endpoint.wait_ready()
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"phi3flow serve: {exc} (see the server output above)", file=sys.stderr)
+            return 1
+        print(f"Scoring URL: {endpoint.url}\nConnect Prompt Flow to it: phi3flow connect --endpoint {endpoint.url} --key <key>\n"
+              "Press Ctrl+C to stop.", flush=True)
+        return endpoint.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        endpoint.stop()
