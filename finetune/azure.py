@@ -45,7 +45,7 @@ Action = tuple[str, Any]
 
 
 class SetupError(Exception):
-    """Something the user must install or configure; printed as one line, exit code 2."""
+    """Something the user must install, configure or fix in a spec: a message, no traceback, exit code 2."""
 
 
 def _azure_ml() -> Any:
@@ -63,13 +63,15 @@ def _azure_ml() -> Any:
 def load_spec(name: str, overrides: list[dict[str, Any]] | None = None) -> Any:
     """Load and validate one spec with azure-ai-ml's loader; jobs also get the SDK's own offline checks."""
     ml = _azure_ml()
-    from azure.ai.ml.exceptions import ValidationException
+    from azure.ai.ml.exceptions import MlException
+    from marshmallow import ValidationError  # what the loaders raise for a field of the wrong shape
 
     try:
         entity = getattr(ml, SPECS[name])(SPEC_DIR / name, params_override=overrides or [])
-        if SPECS[name] == "load_job":
-            entity._validate(raise_error=True)  # e.g. every ${{inputs.x}} names a declared input
-    except ValidationException as exc:
+        if SPECS[name] == "load_job":  # the SDK's offline job checks, e.g. every ${{inputs.x}} is declared
+            entity._validate(raise_error=True)
+            entity.component._validate(raise_error=True)
+    except (MlException, ValidationError) as exc:
         raise SetupError(f"{SPEC_DIR / name} is not valid: {exc}") from None
     return entity
 
@@ -102,7 +104,8 @@ def plan_register(args: argparse.Namespace) -> list[Action]:
     job_spec = JOB_SPECS[args.registry_pipeline]
     ((output, port),) = load_spec(job_spec).outputs.items()
     path = f"azureml://jobs/{args.job_name or JOB_PLACEHOLDER}/outputs/{output}"
-    return [(f"model.yml, output '{output}' of {job_spec}", load_spec("model.yml", [{"path": path}, {"type": port.type}]))]
+    model = load_spec("model.yml", [{"path": path}, {"type": port.type}])
+    return [(f"model.yml, output '{output}' of {job_spec}", model)]
 
 
 def plan_deploy(args: argparse.Namespace) -> list[Action]:
@@ -165,10 +168,14 @@ def _check_credential(credential: TokenCredential, client_id: str | None) -> Non
     try:
         credential.get_token(ARM_SCOPE)
     except ClientAuthenticationError:
-        who = f"managed identity {client_id} gave no token" if client_id else "no Azure credentials found"
+        if client_id:
+            raise SetupError(
+                f"managed identity {client_id} gave no token: run this on an Azure resource that has that "
+                "user-assigned identity, or leave out --client-id to use `az login` or a service principal"
+            ) from None
         raise SetupError(
-            f"{who}: run `az login`, or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET "
-            "for a service principal, or pass --client-id for a user-assigned managed identity"
+            "no Azure credentials found: run `az login`, or set AZURE_TENANT_ID, AZURE_CLIENT_ID and "
+            "AZURE_CLIENT_SECRET for a service principal, or pass --client-id for a user-assigned managed identity"
         ) from None
 
 
@@ -207,7 +214,13 @@ def connect_client(client_id: str | None) -> MLClient:
 def _send(client: MLClient, entity: Any) -> Any:
     """Create or update one entity with the operation its type needs, waiting for long-running ones."""
     from azure.ai.ml.entities import Compute, Data, OnlineDeployment, OnlineEndpoint
+    from azure.core.exceptions import ResourceNotFoundError
 
+    if isinstance(entity, OnlineEndpoint) and not entity.traffic:
+        try:  # an existing endpoint stays as it is: a PUT without traffic would cut off the live deployment
+            return client.online_endpoints.get(entity.name)
+        except ResourceNotFoundError:
+            pass
     if isinstance(entity, Data):
         return client.data.create_or_update(entity)
     if isinstance(entity, (Compute, OnlineEndpoint, OnlineDeployment)):
@@ -264,14 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--registry-pipeline", action="store_true",
                              help="the azureml registry's chat_completion_pipeline route instead of phi3flow finetune")
         if name == "finetune":
-            sub.add_argument("--train-file", help="training JSONL to upload (default: data/train_data.jsonl of the checkout)")
-            sub.add_argument("--test-file", help="test JSONL to upload (default: data/test_data.jsonl of the checkout)")
+            sub.add_argument("--train-file", help="training JSONL to upload (default: data/train_data.jsonl)")
+            sub.add_argument("--test-file", help="test JSONL to upload (default: data/test_data.jsonl)")
             sub.add_argument("--max-steps", type=int, help="stop training after this many steps (a cheap smoke run)")
         elif name == "register":
             sub.add_argument("--job-name", help="the completed job, as printed by `phi3flow azure finetune`")
         else:
-            sub.add_argument("--endpoint-name", help="endpoint name, unique in its Azure region (default: endpoint.yml's)")
-            sub.add_argument("--instance-type", help="GPU SKU, e.g. Standard_NC40ads_H100_v5 (default: deployment.yml's)")
+            sub.add_argument("--endpoint-name", help="endpoint name, unique in its region (default: endpoint.yml)")
+            sub.add_argument("--instance-type", help="GPU SKU, e.g. Standard_NC40ads_H100_v5 (default: deployment.yml)")
             sub.add_argument("--model-version", help="registered model version to deploy (default: latest)")
     return parser
 

@@ -186,7 +186,7 @@ def _candidates(rng: random.Random) -> list[list[dict[str, str]]]:
     countries = list(CAPITALS)
     for country in countries:  # multi-turn rows: the loss must cover every assistant turn, not only the last
         other = rng.choice([c for c in countries if c != country])
-        found.append(_turn(f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}.")
+        found.append(_turn(f"Tell me the capital of {country}.", f"The capital of {country} is {CAPITALS[country]}.")
                      + _turn(f"And the capital of {other}?", f"The capital of {other} is {CAPITALS[other]}."))
     return found
 

@@ -68,6 +68,7 @@ class TrainError(RuntimeError):
 class Prepared:
     """A ready Trainer plus what the output folder must record about how it was built."""
 
+    cfg: TrainConfig
     trainer: Trainer
     tokenizer: PreTrainedTokenizerBase
     base_model_path: str
@@ -106,6 +107,16 @@ def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return model, quantized
+
+
+def configure_for_training(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Settings the base model needs before training.
+
+    With a KV cache enabled, transformers skips the packed-sequence mask, so packed conversations would
+    attend to each other; a cache is useless in training anyway.
+    """
+    model.config.use_cache = False
+    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def check_target_modules(model: PreTrainedModel, targets: list[str]) -> None:
@@ -193,6 +204,7 @@ def training_arguments(cfg: TrainConfig, bf16: bool) -> TrainingArguments:
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
         report_to="none",
     )
@@ -210,7 +222,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
     transformers.set_seed(cfg.seed)  # LoRA weights are initialised before the Trainer seeds anything
     model, quantized = load_model(cfg, base)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    configure_for_training(model, tokenizer)
     model = apply_lora(model, cfg)
     # Packing concatenates a batch into one row; position ids restart per conversation and the attention
     # mask is rebuilt from them, so conversations never see each other and no pad token is computed.
@@ -230,7 +242,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback)
-    return Prepared(trainer, tokenizer, base, end_of_turn, quantized)
+    return Prepared(cfg, trainer, tokenizer, base, end_of_turn, quantized)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -255,23 +267,25 @@ def merge_adapter(adapter_dir: Path, base: str, bf16: bool, end_of_turn: int) ->
     return target
 
 
-def run(cfg: TrainConfig, resume: bool = False, merge: bool = False) -> dict[str, Any]:
-    """Train, evaluate, save the adapter folder (and merged model); returns the metadata written."""
-    prepared = prepare(cfg)
-    trainer, tokenizer = prepared.trainer, prepared.tokenizer
-    checkpoint = get_last_checkpoint(trainer.args.output_dir) if Path(trainer.args.output_dir).is_dir() else None
+def train(prepared: Prepared, resume: bool = False) -> dict[str, float]:
+    """Run the Trainer, from the latest checkpoint when resuming; returns its train metrics."""
+    trainer = prepared.trainer
+    folder = trainer.args.output_dir
+    checkpoint = get_last_checkpoint(folder) if Path(folder).is_dir() else None
     if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s; starting from the beginning", trainer.args.output_dir)
+        log.warning("--resume: no checkpoint in %s; starting from the beginning", folder)
     elif checkpoint and not resume:
-        log.warning("%s holds checkpoints from an earlier run; starting over (pass --resume to continue)",
-                    trainer.args.output_dir)
-    train_metrics = trainer.train(resume_from_checkpoint=checkpoint if resume else None).metrics
-    eval_metrics = trainer.evaluate()
+        log.warning("%s holds checkpoints from an earlier run; starting over (pass --resume to continue)", folder)
+    return trainer.train(resume_from_checkpoint=checkpoint if resume else None).metrics
 
+
+def save_outputs(prepared: Prepared, train_metrics: dict[str, float], merge: bool = False) -> dict[str, Any]:
+    """Evaluate, then write the adapter, tokenizer, metadata (and merged model); returns the metadata."""
+    cfg, trainer, tokenizer = prepared.cfg, prepared.trainer, prepared.tokenizer
+    eval_metrics = trainer.evaluate()
     out = Path(cfg.output_dir)
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    bf16 = trainer.args.bf16
     metadata = {
         "base_model": cfg.model,
         "base_model_name_or_path": prepared.base_model_path,
@@ -288,9 +302,16 @@ def run(cfg: TrainConfig, resume: bool = False, merge: bool = False) -> dict[str
         "merged": None,
     }
     if merge:
-        metadata["merged"] = str(merge_adapter(out, prepared.base_model_path, bf16, prepared.end_of_turn))
+        merged = merge_adapter(out, prepared.base_model_path, trainer.args.bf16, prepared.end_of_turn)
+        metadata["merged"] = str(merged)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return metadata
+
+
+def run(cfg: TrainConfig, resume: bool = False, merge: bool = False) -> dict[str, Any]:
+    """Prepare, train, evaluate and save; returns the metadata written to the output folder."""
+    prepared = prepare(cfg)
+    return save_outputs(prepared, train(prepared, resume), merge)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,24 @@ class EndpointClient:
         body = {"input_data": {"input_string": messages, "parameters": {k: v for k, v in parameters.items() if v is not None}}}
         try:
             response = self.session.post(self.endpoint, json=body, timeout=self.timeout)
-        except requests.exceptions.ConnectTimeout:
-            raise EndpointError(f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network") from None
-        except requests.exceptions.ReadTimeout:
-            raise EndpointError(
-                f"{self._host()} gave no answer within {self.timeout[1]:g} s: the model may be overloaded; "
-                "lower max_new_tokens or raise the client's read timeout"
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            raise EndpointError(f"cannot reach {self._host()} ({_reason(exc)}): is the endpoint running and the URL right?") from None
+        except requests.exceptions.RequestException as exc:
+            raise self._transport_error(exc) from None
         return self._answer(response)
 
     def close(self) -> None:
         self.session.close()
+
+    def _transport_error(self, exc: requests.exceptions.RequestException) -> EndpointError:
+        """No HTTP answer: say whether we could not connect or the model did not answer in time."""
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's cause inside MaxRetryError
+        if isinstance(exc, requests.exceptions.ReadTimeout) or isinstance(reason, ReadTimeoutError):
+            return EndpointError(
+                f"{self._host()} gave no answer within {self.timeout[1]:g} s: the model may be overloaded; "
+                "lower max_new_tokens or raise the client's read timeout"
+            )
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return EndpointError(f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network")
+        return EndpointError(f"cannot reach {self._host()} ({_reason(exc)}): is the endpoint running and the URL right?")
 
     def _host(self) -> str:
         parts = urlsplit(self.endpoint)
@@ -159,7 +165,7 @@ def _detail(response: requests.Response) -> str:
     return str(payload)[:300]
 
 
-def _reason(exc: requests.exceptions.ConnectionError) -> str:
+def _reason(exc: requests.exceptions.RequestException) -> str:
     text = str(exc).lower()
     if "refused" in text:
         return "connection refused"

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=args.key, workers=args.workers)
     if args.key is None:
         print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too, not only Ctrl+C
     endpoint.start()
     try:
         try:

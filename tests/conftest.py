@@ -1,0 +1,87 @@
+"""Shared fixtures: an isolated, offline Prompt Flow home; a scripted local HTTP endpoint; the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+# Before promptflow is imported anywhere: a private PF home (no clobbering the user's connections),
+# telemetry off, no tracing exporter, no remote settings fetch.
+_PF_HOME = Path(tempfile.mkdtemp(prefix="phi3flow-pf-home-"))
+(_PF_HOME / "pf.yaml").write_text("telemetry:\n  enabled: 'false'\n")
+os.environ["PF_HOME_DIRECTORY"] = str(_PF_HOME)
+os.environ["PF_DISABLE_TRACING"] = "true"
+os.environ["APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED"] = "true"
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "s3cr3t-key-that-must-never-leak"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: object = field(default_factory=lambda: {"output": "ok"})
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class ScriptedEndpoint:
+    """A local HTTP server answering each POST with the next scripted Reply (the last one repeats)."""
+
+    def __init__(self) -> None:
+        self.script: list[Reply] = [Reply()]
+        self.requests: list[dict] = []
+        self.times: list[float] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                length = int(self.headers.get("Content-Length", 0))
+                outer.requests.append({"headers": dict(self.headers), "body": json.loads(self.rfile.read(length) or b"null")})
+                outer.times.append(time.monotonic())
+                reply = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                time.sleep(reply.delay)
+                payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
+                data = payload.encode() if isinstance(payload, str) else payload
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    server = ScriptedEndpoint()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from phi3flow.embedded import embedded_model_dir
+
+    return embedded_model_dir()

@@ -1,0 +1,412 @@
+"""Azure specs and `phi3flow azure`: what would be sent to Azure ML, checked offline.
+
+Every spec loads with azure-ai-ml's own loaders (they reject invalid specs without credentials); beyond
+that, the entities are checked for what breaks deployments in practice (retired SKU, 5 s timeout, probes
+that give up before a large model loads, a code path that misses the scoring script) and for the specs
+naming each other consistently. `--dry-run` must work with no network, no credentials, no workspace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("azure.ai.ml", reason="needs the azure extra: pip install -e '.[azure]'")
+
+from azure.ai.ml.entities import (  # noqa: E402
+    AmlCompute,
+    Command,
+    Data,
+    Environment,
+    ManagedOnlineDeployment,
+    ManagedOnlineEndpoint,
+    Model,
+    PipelineJob,
+)
+from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402
+
+from phi3flow.finetune import azure  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC_DIR = REPO / "finetune" / "azureml"
+ENTITY_TYPES: dict[str, type] = {
+    "compute.yml": AmlCompute,
+    "train-environment.yml": Environment,
+    "data-train.yml": Data,
+    "data-test.yml": Data,
+    "finetune-job.yml": Command,
+    "chat-completion-pipeline.yml": PipelineJob,
+    "model.yml": Model,
+    "inference-environment.yml": Environment,
+    "endpoint.yml": ManagedOnlineEndpoint,
+    "deployment.yml": ManagedOnlineDeployment,
+}
+GPU_SKU = re.compile(r"^Standard_N\w*(A100|H100)\w*$")
+AZURE_ENV = (*azure.WORKSPACE_ENV, "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET")
+# azure-ai-ml's schemas use marshmallow's soon-deprecated `context`: not ours to fix, and it buries real warnings.
+pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is deprecated")
+
+
+def spec(name: str) -> Any:
+    return azure.load_spec(name)
+
+
+def ref_name(reference: str) -> str:
+    """`azureml:name@label` or `azureml:name:version` -> name."""
+    return re.split(r"[@:]", reference.removeprefix("azureml:"))[0]
+
+
+def args(*argv: str) -> Any:
+    return azure.build_parser().parse_args(list(argv))
+
+
+def pip_names(conda_file: Any) -> set[str]:
+    pip = next(dep["pip"] for dep in conda_file["dependencies"] if isinstance(dep, dict))
+    return {Requirement(line).name.lower() for line in pip}
+
+
+def extra_names(extra: str) -> set[str]:
+    """An optional-dependency group of pyproject.toml, with phi3flow[...] self-references expanded."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names: set[str] = set()
+    for line in extras[extra]:
+        req = Requirement(line)
+        names |= set().union(*(extra_names(e) for e in req.extras)) if req.name == "phi3flow" else {req.name.lower()}
+    return names
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No Azure settings, no network, a working folder without config.json."""
+    for name in AZURE_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --- the specs themselves ------------------------------------------------------------------------
+
+
+def test_every_spec_file_is_known_and_declares_its_schema() -> None:
+    resources = {p.name for p in SPEC_DIR.glob("*.y*ml") if not p.stem.endswith("-conda")}
+    assert resources == set(azure.SPECS) == set(ENTITY_TYPES)
+    for name in resources:
+        first = (SPEC_DIR / name).read_text().splitlines()[0]
+        assert first.startswith("$schema: https://azuremlschemas.azureedge.net/latest/"), name
+
+
+@pytest.mark.parametrize("name", sorted(ENTITY_TYPES))
+def test_spec_loads_with_its_azure_ml_loader(name: str) -> None:
+    assert isinstance(spec(name), ENTITY_TYPES[name])
+
+
+def test_loaders_reject_an_invalid_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks above mean something: a wrong type and an unbound job input are both refused."""
+    shutil.copytree(SPEC_DIR, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(azure, "SPEC_DIR", tmp_path)
+    deployment = tmp_path / "deployment.yml"
+    deployment.write_text(deployment.read_text().replace("instance_count: 1", "instance_count: many"))
+    with pytest.raises(azure.SetupError, match="deployment.yml is not valid"):
+        azure.load_spec("deployment.yml")
+    job = tmp_path / "finetune-job.yml"
+    job.write_text(job.read_text().replace("${{inputs.test_data}}", "${{inputs.validation_data}}"))
+    with pytest.raises(azure.SetupError, match="finetune-job.yml is not valid"):
+        azure.load_spec("finetune-job.yml")
+
+
+def test_no_retired_or_cpu_sku() -> None:
+    for path in SPEC_DIR.iterdir():
+        assert "Standard_NC6s_v3" not in path.read_text(), path.name
+    assert GPU_SKU.match(spec("compute.yml").size)
+    assert GPU_SKU.match(spec("deployment.yml").instance_type)
+
+
+def test_compute_scales_to_zero() -> None:
+    compute = spec("compute.yml")
+    assert (compute.size, compute.min_instances, compute.max_instances, compute.idle_time_before_scale_down) == (
+        "Standard_NC24ads_A100_v4", 0, 1, 120)
+
+
+@pytest.mark.parametrize(("env_spec", "extra"),
+                         [("train-environment.yml", "train"), ("inference-environment.yml", "serve")])
+def test_environment_is_a_cuda_image_with_the_project_extra(env_spec: str, extra: str) -> None:
+    env = spec(env_spec)
+    assert env.image.startswith("mcr.microsoft.com/azureml/") and "cuda12" in env.image
+    missing = extra_names(extra) - pip_names(env.conda_file)
+    assert not missing, f"{env_spec} lacks pyproject's [{extra}] packages {missing}"
+
+
+def test_training_environment_can_run_qlora() -> None:
+    assert "bitsandbytes" in pip_names(spec("train-environment.yml").conda_file)
+
+
+def test_inference_environment_has_the_inference_server() -> None:
+    assert "azureml-inference-server-http" in pip_names(spec("inference-environment.yml").conda_file)
+
+
+def test_deployment_survives_a_slow_start_and_slow_generation() -> None:
+    deployment = spec("deployment.yml")
+    assert deployment.request_settings.request_timeout_ms >= 60_000  # the default 5000 ms cuts generation off
+    for probe in (deployment.liveness_probe, deployment.readiness_probe):
+        assert probe.initial_delay >= 600  # model download + load; less ends in "ResourceNotReady"
+        assert probe.timeout >= 5 and probe.failure_threshold >= 10
+
+
+def test_deployment_serves_the_repo_scoring_script() -> None:
+    deployment = spec("deployment.yml")
+    code = (Path(deployment.base_path) / deployment.code_configuration.code).resolve()
+    assert code == REPO / "deploy"
+    assert deployment.code_configuration.scoring_script == "score.py"
+    assert (code / "score.py").is_file()
+
+
+def test_specs_name_each_other_consistently() -> None:
+    job, deployment = spec("finetune-job.yml"), spec("deployment.yml")
+    assert ref_name(job.compute) == spec("compute.yml").name
+    assert ref_name(job.environment) == spec("train-environment.yml").name
+    assert ref_name(job.inputs["train_data"].path) == spec("data-train.yml").name
+    assert ref_name(job.inputs["test_data"].path) == spec("data-test.yml").name
+    assert ref_name(deployment.environment) == spec("inference-environment.yml").name
+    assert ref_name(deployment.model) == spec("model.yml").name
+    assert deployment.endpoint_name == spec("endpoint.yml").name
+    pipeline = spec("chat-completion-pipeline.yml")
+    assert pipeline.inputs["compute"]._data == spec("compute.yml").name
+    assert ref_name(pipeline.inputs["train_file_path"].path) == spec("data-train.yml").name
+    assert ref_name(pipeline.inputs["test_file_path"].path) == spec("data-test.yml").name
+
+
+def test_endpoint_uses_key_auth() -> None:
+    assert spec("endpoint.yml").auth_mode == "key"
+
+
+def test_data_assets_are_the_files_phi3flow_data_writes() -> None:
+    config = yaml.safe_load((REPO / "finetune" / "configs" / "phi3-mini-qlora.yaml").read_text())
+    assert Path(spec("data-train.yml").path) == REPO / config["train_file"]
+    assert Path(spec("data-test.yml").path) == REPO / config["test_file"]
+
+
+def test_job_runs_phi3flow_finetune_on_the_data_assets() -> None:
+    job = spec("finetune-job.yml")
+    assert (Path(job.base_path) / job.code).resolve() == REPO
+    assert job.outputs["model"].type == "custom_model"
+    command = shlex.split(job.command.split("&&")[-1])
+    assert command[:2] == ["phi3flow", "finetune"]
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags == {
+        "--config": "finetune/configs/phi3-mini-qlora.yaml",
+        "--train-file": "${{inputs.train_data}}",
+        "--test-file": "${{inputs.test_data}}",
+        "--output-dir": "${{outputs.model}}",
+    }
+    assert (REPO / flags["--config"]).is_file()
+
+
+def test_job_command_parses_with_phi3flow_finetune() -> None:
+    """The flags the job passes are ones the trainer accepts (its CLI is another module's)."""
+    pytest.importorskip("transformers")
+    from phi3flow.finetune.train import build_parser
+
+    job = azure.plan_finetune(args("finetune", "--max-steps", "3"))[-1][1]
+    argv = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", job.command.split("&&")[-1]))[2:]
+    parsed = build_parser().parse_args(argv)
+    assert parsed.config == "finetune/configs/phi3-mini-qlora.yaml"
+    assert (str(parsed.output_dir), parsed.max_steps) == ("X", 3)
+
+
+def test_model_registers_the_job_output() -> None:
+    model, job = spec("model.yml"), spec("finetune-job.yml")
+    assert model.type == "custom_model"
+    ((output, _),) = job.outputs.items()
+    assert model.path == f"azureml://jobs/{azure.JOB_PLACEHOLDER}/outputs/{output}"
+
+
+def test_registry_pipeline_route_uses_chat_completion_pipeline() -> None:
+    pipeline = spec("chat-completion-pipeline.yml")
+    node = pipeline.jobs["chat_completion_pipeline"]
+    assert node.component == "azureml://registries/azureml/components/chat_completion_pipeline/labels/latest"
+    assert pipeline.inputs["mlflow_model_path"].path.startswith("azureml://registries/azureml/models/Phi-3-mini")
+    assert node.inputs["number_of_gpu_to_use_finetuning"]._data == 1  # Standard_NC24ads_A100_v4 has one GPU
+    assert pipeline.outputs["trained_model"].type == "mlflow_model"
+
+
+# --- the plans: entities as the commands would send them --------------------------------------------
+
+
+def test_finetune_plan_with_overrides(tmp_path: Path) -> None:
+    train = tmp_path / "mine.jsonl"
+    actions = azure.plan_finetune(args("finetune", "--train-file", str(train), "--max-steps", "5"))
+    assert [type(entity) for _, entity in actions] == [AmlCompute, Environment, Data, Data, Command]
+    assert Path(actions[2][1].path) == train
+    assert Path(actions[3][1].path) == REPO / "data" / "test_data.jsonl"
+    assert actions[-1][1].command.endswith("--output-dir ${{outputs.model}} --max-steps 5")
+
+
+def test_finetune_plan_registry_route() -> None:
+    actions = azure.plan_finetune(args("finetune", "--registry-pipeline"))
+    assert isinstance(actions[-1][1], PipelineJob)
+
+
+@pytest.mark.parametrize(("route", "output", "kind"), [((), "model", "custom_model"),
+                                                      (("--registry-pipeline",), "trained_model", "mlflow_model")])
+def test_register_plan_points_at_the_job_output(route: tuple[str, ...], output: str, kind: str) -> None:
+    ((_, model),) = azure.plan_register(args("register", "--job-name", "brave_lemon_42", *route))
+    assert (model.path, model.type) == (f"azureml://jobs/brave_lemon_42/outputs/{output}", kind)
+
+
+def test_deploy_plan_routes_all_traffic_to_the_deployment() -> None:
+    argv = ("deploy", "--endpoint-name", "my-chat", "--instance-type", "Standard_NC40ads_H100_v5",
+            "--model-version", "3")
+    env, endpoint, deployment, traffic = (entity for _, entity in azure.plan_deploy(args(*argv)))
+    assert isinstance(env, Environment) and env.name == ref_name(deployment.environment)
+    assert (endpoint.name, endpoint.traffic) == ("my-chat", {})
+    assert (deployment.endpoint_name, deployment.instance_type) == ("my-chat", "Standard_NC40ads_H100_v5")
+    assert deployment.model.removeprefix("azureml:") == f"{spec('model.yml').name}:3"
+    assert (traffic.name, traffic.traffic) == ("my-chat", {deployment.name: 100})
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["finetune"], ["finetune", "--registry-pipeline"], ["register"], ["deploy"]])
+def test_dry_run_is_offline(argv: list[str], offline: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert azure.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would create ") == len(getattr(azure, f"plan_{argv[0]}")(args(*argv)))
+    assert "nothing was sent" in out
+
+
+def test_dry_run_notes_missing_data(offline: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert azure.main(["finetune", "--dry-run", "--train-file", "absent.jsonl"]) == 0
+    assert f"note: {offline / 'absent.jsonl'} does not exist yet" in capsys.readouterr().out
+
+
+def phi3flow_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed console script, with no Azure settings in its environment."""
+    env = {k: v for k, v in os.environ.items() if k not in AZURE_ENV}
+    exe = Path(sys.executable).with_name("phi3flow")
+    return subprocess.run([str(exe), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_deploy_dry_run(tmp_path: Path) -> None:
+    result = phi3flow_cli("azure", "deploy", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "would create ManagedOnlineDeployment 'blue'" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_without_workspace_says_what_to_set(tmp_path: Path) -> None:
+    result = phi3flow_cli("azure", "deploy", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert all(name in message for name in azure.WORKSPACE_ENV) and "config.json" in message
+
+
+def test_partial_workspace_settings_name_the_missing_ones(offline: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", "00000000-0000-0000-0000-000000000000")
+    assert azure.main(["register", "--job-name", "j"]) == 2
+    err = capsys.readouterr().err
+    assert "set AZURE_RESOURCE_GROUP, AZUREML_WORKSPACE_NAME too" in err
+
+
+class NoCredential:
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
+
+
+def test_missing_credentials_say_how_to_log_in(offline: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for name in azure.WORKSPACE_ENV:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setattr(azure, "_credential", lambda client_id: NoCredential())
+    assert azure.main(["deploy"]) == 2
+    err = capsys.readouterr().err
+    assert "no Azure credentials found" in err and "az login" in err and "--client-id" in err
+
+
+def test_without_azure_ai_ml_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "azure.ai.ml", None)
+    assert azure.main(["deploy", "--dry-run"]) == 2
+    assert "pip install 'phi3flow[azure]'" in capsys.readouterr().err
+
+
+class FakeClient:
+    """Records what would be sent; answers like the service for the report."""
+
+    resource_group_name, workspace_name = "my-group", "my-workspace"
+
+    def __init__(self, *existing_endpoints: str) -> None:
+        self.sent: list[Any] = []
+        self.endpoints = set(existing_endpoints)
+        self.data = SimpleNamespace(create_or_update=self._record)
+        self.online_endpoints = SimpleNamespace(get=self._get_endpoint)
+
+    def _get_endpoint(self, name: str) -> Any:
+        if name not in self.endpoints:
+            raise ResourceNotFoundError(f"endpoint {name} not found")
+        return SimpleNamespace(name=name, scoring_uri=f"https://{name}.eastus.inference.ml.azure.com/score")
+
+    def _record(self, entity: Any) -> Any:
+        self.sent.append(entity)
+        if isinstance(entity, ManagedOnlineEndpoint):
+            self.endpoints.add(entity.name)
+        return entity
+
+    def create_or_update(self, entity: Any) -> Any:
+        return self._record(entity)
+
+    def begin_create_or_update(self, entity: Any) -> Any:
+        return SimpleNamespace(result=lambda: self._record(entity))
+
+
+def test_deploy_sends_the_plan_and_prints_the_connect_command(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    client = FakeClient()
+    monkeypatch.setattr(azure, "connect_client", lambda client_id: client)
+    assert azure.main(["deploy"]) == 0
+    assert [type(e) for e in client.sent] == [Environment, ManagedOnlineEndpoint, ManagedOnlineDeployment,
+                                              ManagedOnlineEndpoint]
+    assert client.sent[-1].traffic == {"blue": 100}
+    out = capsys.readouterr().out
+    uri = "https://phi3flow-chat.eastus.inference.ml.azure.com/score"
+    assert f"scoring URI: {uri}" in out
+    assert (f'phi3flow connect --endpoint {uri} --key "$(az ml online-endpoint get-credentials --name phi3flow-chat '
+            '--resource-group my-group --workspace-name my-workspace --query primaryKey --output tsv)"') in out
+
+
+def test_redeploy_keeps_traffic_on_the_live_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing endpoint is not re-sent without traffic while its deployment is being updated."""
+    client = FakeClient("phi3flow-chat")
+    monkeypatch.setattr(azure, "connect_client", lambda client_id: client)
+    assert azure.main(["deploy"]) == 0
+    assert [type(e) for e in client.sent] == [Environment, ManagedOnlineDeployment, ManagedOnlineEndpoint]
+    assert client.sent[-1].traffic == {"blue": 100}
+
+
+def test_finetune_refuses_to_start_without_data(offline: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(azure, "connect_client", lambda client_id: pytest.fail("connected before checking data"))
+    assert azure.main(["finetune", "--train-file", "absent.jsonl"]) == 2
+    assert "run `phi3flow data` first" in capsys.readouterr().err
