@@ -80,7 +80,8 @@ class LocalEndpoint:
         server = Path(sys.executable).with_name("azmlinfsrv")
         command = [str(server), "--entry_script", str(_score_script()), "--port", str(self.port)]
         output = open(self.log_file, "ab") if self.log_file else None
-        self.process = subprocess.Popen(command, env=self.environment(), stdout=output, stderr=subprocess.STDOUT if output else None,
+        # server logs go to the log file, else to stderr, keeping stdout for the URL and key lines
+        self.process = subprocess.Popen(command, env=self.environment(), stdout=output or sys.stderr, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         return self
 

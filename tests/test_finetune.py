@@ -216,7 +216,8 @@ def test_tiny_phi3_trains_and_round_trips(tmp_path: Path, sample_files, tiny_phi
     torch.testing.assert_close(logits(reloaded, tokenizer), expected)
     merged = AutoModelForCausalLM.from_pretrained(out / train.MERGED_DIR).eval()
     torch.testing.assert_close(logits(merged, tokenizer), expected, rtol=1e-4, atol=1e-4)
-    assert chat.end_of_turn_id(tokenizer) in list(merged.generation_config.eos_token_id)
+    stop = merged.generation_config.eos_token_id
+    assert chat.end_of_turn_id(tokenizer) in (stop if isinstance(stop, list) else [stop])
 
     saved = json.loads((out / train.METADATA_FILE).read_text())
     assert saved == json.loads(json.dumps(metadata))

