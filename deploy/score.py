@@ -16,7 +16,10 @@ import json
 import logging
 import math
 import os
+import queue
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +30,8 @@ log = logging.getLogger("phi3flow.score")
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # set by `phi3flow serve`; in Azure the endpoint itself checks keys
 BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base_model_name_or_path
+# Dynamic batching (see Batcher); PHI3FLOW_MAX_BATCH=1 gives the naive one-request-at-a-time path.
+MAX_BATCH_ENV, MAX_QUEUE_ENV, BATCH_WAIT_ENV = "PHI3FLOW_MAX_BATCH", "PHI3FLOW_MAX_QUEUE", "PHI3FLOW_BATCH_WAIT_MS"
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
 # Tokens that end a turn in common chat templates; only those present in the tokenizer are used.
@@ -203,35 +208,98 @@ class ChatModel:
         )
 
     def generate(self, request: ChatRequest) -> tuple[str, int]:
-        p = request.params
-        ids, dropped = self.encode(request.messages, p["max_new_tokens"])
+        """One request on its own (tests, and the path a batch of one takes)."""
+        ids, dropped = self.encode(request.messages, request.params["max_new_tokens"])
+        return self.generate_batch([(ids, request.params)])[0], dropped
+
+    def generate_batch(self, prompts: list[tuple[list[int], dict[str, Any]]]) -> list[str]:
+        """Generate for several encoded prompts sharing decoding settings, in one left-padded batch.
+
+        Each sequence stops at its own end-of-turn token; a sequence whose max_new_tokens is below the
+        batch's is cut to its own limit afterwards.
+        """
+        p = prompts[0][1]
+        limits = [params["max_new_tokens"] for _, params in prompts]
         sample = p.get("do_sample", True) and p["temperature"] > 0
-        options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": p["max_new_tokens"], "repetition_penalty": p["repetition_penalty"]}
+        options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max(limits), "repetition_penalty": p["repetition_penalty"]}
         if sample:
             options.update(temperature=p["temperature"], top_p=p["top_p"])
         else:  # greedy: unset sampling knobs so generation_config defaults don't warn
             options.update(temperature=None, top_p=None, top_k=None)
+        width = max(len(ids) for ids, _ in prompts)
         device = next(self.model.parameters()).device
-        inputs = self.torch.tensor([ids], device=device)
+        inputs = self.torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in prompts], device=device)
+        mask = self.torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
         with self.lock, self.torch.inference_mode():
-            out = self.model.generate(
-                input_ids=inputs,
-                attention_mask=self.torch.ones_like(inputs),
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.pad_id,
-                **options,
-            )
-        text = self.tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)
-        return text.strip(), dropped
+            out = self.model.generate(input_ids=inputs, attention_mask=mask, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **options)
+        return [self.tokenizer.decode(row[width:width + limit], skip_special_tokens=True).strip() for row, limit in zip(out, limits)]
+
+
+class Busy(BadRequest):
+    """The request queue is full: the client should come back after Retry-After seconds."""
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__(f"the server is busy (queue full); retry after {retry_after} s", status=503)
+        self.retry_after = retry_after
+
+
+class Batcher:
+    """Dynamic batching: requests from concurrent server threads are queued and generated together.
+
+    A single worker thread takes the first queued request, waits `wait_s` for others to arrive (up to
+    `max_batch`), groups them by decoding settings and runs one batched generate per group. The queue
+    is bounded: when full, callers get Busy (503 + Retry-After) instead of piling up.
+    """
+
+    def __init__(self, model: ChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.01):
+        self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        threading.Thread(target=self._loop, name="phi3flow-batcher", daemon=True).start()
+
+    def submit(self, ids: list[int], params: dict[str, Any]) -> str:
+        done: Future = Future()
+        try:
+            self.queue.put_nowait((ids, params, done))
+        except queue.Full:
+            raise Busy() from None
+        return done.result()
+
+    def _collect(self) -> list[tuple[list[int], dict[str, Any], Future]]:
+        batch = [self.queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            groups: dict[tuple, list] = {}
+            for item in self._collect():
+                params = item[1]
+                key = (params.get("do_sample", True) and params["temperature"] > 0, params["temperature"], params["top_p"], params["repetition_penalty"])
+                groups.setdefault(key, []).append(item)
+            for items in groups.values():
+                try:
+                    answers = self.model.generate_batch([(ids, params) for ids, params, _ in items])
+                except Exception as exc:  # noqa: BLE001 - handed to each waiting request, logged there
+                    for *_, done in items:
+                        done.set_exception(exc)
+                    continue
+                for (*_, done), answer in zip(items, answers):
+                    done.set_result(answer)
 
 
 _model: ChatModel | None = None
+_batcher: Batcher | None = None
 _key: bytes | None = None
 
 
 def init() -> None:
     """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR."""
-    global _model, _key
+    global _model, _key, _batcher
     key = os.environ.get(KEY_ENV)
     if key is not None and not key.strip():
         raise RuntimeError(f"{KEY_ENV} is set but empty: give a non-empty key or unset it")
@@ -240,7 +308,16 @@ def init() -> None:
     if not model_dir:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
     _model = ChatModel.load(model_dir)
+    _batcher = Batcher(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 64),
+                       wait_s=_env_int(BATCH_WAIT_ENV, 10) / 1000)
     log.info("Model ready (context %d tokens)", _model.context)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise RuntimeError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _authorized(header: str | None) -> bool:
@@ -260,9 +337,10 @@ def score(body: bytes) -> tuple[dict, int, dict[str, str]]:
     """The contract without HTTP: (payload, status, headers). Used by run() and by tests."""
     try:
         request = parse_request(body)
-        answer, dropped = _model.generate(request)
+        ids, dropped = _model.encode(request.messages, request.params["max_new_tokens"])
+        answer = _batcher.submit(ids, request.params)
     except BadRequest as exc:
-        return {"message": str(exc)}, exc.status, {}
+        return {"message": str(exc)}, exc.status, {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else {}
     headers = {"x-phi3flow-truncated-turns": str(dropped)} if dropped else {}
     return {"output": answer}, 200, headers
 

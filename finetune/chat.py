@@ -63,8 +63,9 @@ def tokenize_conversation(
 ) -> dict[str, Any]:
     """input_ids and labels for one conversation; labels are IGNORE_INDEX outside assistant turns.
 
-    A token is labelled when it overlaps an assistant span, which runs from the end of the generation prompt before
-    it to the end-of-turn token after it, found by rendering the conversation up to that turn. Truncates to max_length tokens.
+    A token is labelled when it overlaps an assistant span, which runs from the end of the generation
+    prompt before it to the end-of-turn token after it, found by rendering the conversation up to that
+    turn. Truncates to max_length tokens.
     """
     text = _render(tokenizer, messages)
     end_text = tokenizer.convert_ids_to_tokens(end_of_turn)
@@ -82,7 +83,9 @@ def tokenize_conversation(
                 "assistant tokens cannot be located"
             )
         spans.append((len(before), end))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    encoded = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
     labels = [
         token if any(start < stop and start < hi and stop > lo for lo, hi in spans) else IGNORE_INDEX
         for token, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])

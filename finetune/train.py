@@ -81,6 +81,11 @@ def resolve_model(name: str) -> str:
     return str(embedded_model_dir()) if name == EMBEDDED else name
 
 
+def use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 only on CUDA: CPU bf16 training is slow and loses precision for no memory the config needs."""
+    return cfg.bf16 and torch.cuda.is_available()
+
+
 def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
     """Load the base model: 4-bit nf4 with bf16 compute when CUDA allows, else full precision on CPU."""
     cuda = torch.cuda.is_available()
@@ -88,7 +93,7 @@ def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
         log.warning("QLoRA needs CUDA (bitsandbytes 4-bit); no GPU here, so this trains plain LoRA in fp32.")
     if cfg.bf16 and not cuda:
         log.warning("bf16 is for CUDA here; training in fp32 on CPU.")
-    bf16 = cfg.bf16 and cuda
+    bf16 = use_bf16(cfg)
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     quantized = cfg.load_in_4bit and cuda
     if quantized:
@@ -231,10 +236,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if cfg.packing
         else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     )
-    bf16 = cfg.bf16 and torch.cuda.is_available()
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, bf16),
+        args=training_arguments(cfg, use_bf16(cfg)),
         train_dataset=train_set,
         eval_dataset=test_set,
         data_collator=collator,

@@ -52,11 +52,13 @@ class LocalEndpoint:
     """A local managed-online-endpoint look-alike: azmlinfsrv + score.py, started and stopped by us."""
 
     def __init__(self, model_dir: Path, port: int | None = None, key: str | None = None, log_file: Path | None = None,
-                 workers: int = 1):
+                 workers: int = 1, threads: int = 32, env: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
         self.port = port or free_port()
         self.key = key or secrets.token_urlsafe(32)
         self.workers = workers
+        self.threads = threads  # concurrent requests per worker, batched together by score.py
+        self.extra_env = env or {}
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
 
@@ -69,11 +71,12 @@ class LocalEndpoint:
         env.update(
             AZUREML_MODEL_DIR=str(self.model_dir),
             PHI3FLOW_ENDPOINT_KEY=self.key,
-            GUNICORN_CMD_ARGS=f"-c python:phi3flow.gunicorn_loopback {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
+            GUNICORN_CMD_ARGS=f"-c python:phi3flow.gunicorn_loopback --threads {self.threads} {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
             WORKER_COUNT=str(self.workers),
             AML_APP_ROOT=str(_score_script().parent),
         )
         env[HOST_ENV] = HOST
+        env.update(self.extra_env)
         return env
 
     def start(self) -> "LocalEndpoint":
@@ -128,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")
     parser.add_argument("--key", help="the endpoint key clients must send as 'Authorization: Bearer <key>'; generated when omitted")
     parser.add_argument("--workers", type=int, default=1, help="inference server worker processes (each loads the model)")
+    parser.add_argument("--threads", type=int, default=32, help="concurrent requests per worker, batched together (default 32)")
     args = parser.parse_args(argv)
     if args.key is not None and not args.key.strip():
         parser.error("--key must not be empty")
-    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=args.key, workers=args.workers)
+    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=args.key, workers=args.workers, threads=args.threads)
     if args.key is None:
         print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too, not only Ctrl+C

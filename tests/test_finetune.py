@@ -102,7 +102,9 @@ def test_bad_configs_are_clear(tmp_path: Path) -> None:
         config.TrainConfig(per_device_train_batch_size=0)
 
 
-def test_bad_training_data_is_reported_before_loading_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_training_data_is_reported_before_loading_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "train.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert train.main(["--train-file", str(bad), "--test-file", str(bad), "--output-dir", str(tmp_path / "o")]) == 1
@@ -122,7 +124,8 @@ def test_unfused_names_on_phi3_fail_loudly() -> None:
 def test_phi3_lora_adapts_every_fused_projection() -> None:
     cfg = config.TrainConfig(target_modules=PHI3_TARGETS)
     peft_model = train.apply_lora(tiny_phi3(128), cfg)
-    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    lora_a = [name for name, _ in peft_model.named_parameters() if "lora_A" in name]
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name in lora_a}
     assert adapted == set(PHI3_TARGETS)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -77,9 +76,9 @@ def test_model_folder_is_found_in_registered_and_mlflow_layouts(tmp_path):
 @pytest.fixture(scope="module")
 def model(embedded_dir):
     loaded = ChatModel.load(embedded_dir)
-    score._model = loaded
+    score._model, score._batcher = loaded, score.Batcher(loaded)
     yield loaded
-    score._model = None
+    score._model = score._batcher = None
 
 
 def ask(turns, **params) -> tuple[dict, int, dict]:
@@ -128,7 +127,7 @@ def test_long_conversations_drop_oldest_turns(model, monkeypatch):
 def test_lora_adapter_is_loaded_and_changes_output(model, embedded_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(embedded_dir)
@@ -138,8 +137,7 @@ def test_lora_adapter_is_loaded_and_changes_output(model, embedded_dir, tmp_path
     (tmp_path / "adapter" / "adapter_config.json").write_text(
         json.dumps({**json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()), "base_model_name_or_path": str(embedded_dir)})
     )
-    shutil.copy(embedded_dir / "tokenizer.json", tmp_path / "adapter")
-    shutil.copy(embedded_dir / "tokenizer_config.json", tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "adapter")
     with_adapter = ChatModel.load(tmp_path / "adapter")
     from peft import PeftModel
 

@@ -1,0 +1,68 @@
+"""Serving throughput: naive (one generate per request) vs dynamic batching, under 1/4/16 concurrent clients.
+
+Both runs are `phi3flow serve`'s real stack (azmlinfsrv + deploy/score.py, embedded model); the naive
+one is PHI3FLOW_MAX_BATCH=1 with one server thread, as azmlinfsrv serves by default. Clients use the
+tool's own EndpointClient, so its pool is part of what is measured. Prints ratios from this one run.
+Run: .venv/bin/python bench/serve.py [--requests-per-client N] [--max-new-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from transformers import AutoTokenizer
+
+from phi3flow.client import EndpointClient
+from phi3flow.embedded import embedded_model_dir
+from phi3flow.serve import LocalEndpoint
+
+COUNTRIES = ["France", "Japan", "Germany", "Egypt", "Kenya", "Canada", "Italy", "Spain"]
+SETUPS = {"naive": {"threads": 1, "env": {"PHI3FLOW_MAX_BATCH": "1"}}, "batched": {"threads": 32, "env": {"PHI3FLOW_MAX_BATCH": "16"}}}
+
+
+def load(endpoint: LocalEndpoint, clients: int, per_client: int, max_new_tokens: int, tokenizer) -> dict[str, float]:
+    client = EndpointClient(endpoint.url, endpoint.key, pool_size=clients)
+
+    def one(i: int) -> tuple[float, int]:
+        question = f"What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?"
+        start = time.perf_counter()
+        answer = client.chat([{"role": "user", "content": question}], temperature=0, max_new_tokens=max_new_tokens)
+        return time.perf_counter() - start, len(tokenizer(answer)["input_ids"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients * per_client)))
+    elapsed = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {"rps": len(results) / elapsed, "tok_s": sum(r[1] for r in results) / elapsed,
+            "p50": statistics.median(latencies), "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    model_dir = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for name, setup in SETUPS.items():
+        with LocalEndpoint(model_dir, threads=setup["threads"], env=setup["env"]) as endpoint:
+            load(endpoint, 1, 1, args.max_new_tokens, tokenizer)  # warm-up
+            for clients in args.clients:
+                table[name, clients] = load(endpoint, clients, args.requests_per_client, args.max_new_tokens, tokenizer)
+    print(f"{'clients':>7} {'setup':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7}")
+    for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], item[0][0])):
+        print(f"{clients:>7} {name:>8} {row['rps']:7.2f} {row['tok_s']:7.1f} {row['p50']:7.2f} {row['p95']:7.2f}")
+    print()
+    for clients in args.clients:
+        naive, batched = table["naive", clients], table["batched", clients]
+        print(f"{clients:>2} clients: throughput x{batched['rps'] / naive['rps']:.2f}, p50 latency x{batched['p50'] / naive['p50']:.2f} (batched / naive)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""`phi3flow agent`: the AzureML endpoint as a Microsoft Agent Framework chat client, so users can leave Prompt Flow.
+
+Prompt Flow is in maintenance; Agent Framework is its successor. `EndpointChatClient` speaks the same
+endpoint contract through `phi3flow.client.get_client` (one implementation of HTTP, retries, errors and
+key handling for the tool, evaluation and agents). This module needs only `requests` and
+`agent-framework-core`; promptflow is imported only by `from_connection`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any
+
+from agent_framework import (
+    Agent,
+    BaseChatClient,
+    ChatResponse,
+    ChatResponseUpdate,
+    Content,
+    Message,
+    ResponseStream,
+    prepend_instructions_to_messages,
+)
+
+from phi3flow.client import EndpointClient, EndpointError, get_client, to_messages
+
+KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly and factually."
+# Agent Framework option -> endpoint contract parameter. Anything else the endpoint cannot honour.
+PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}
+# Options the Agent fills in itself that carry nothing for a tool-less endpoint.
+IGNORED_OPTIONS = frozenset({"instructions", "model", "tool_choice", "allow_multiple_tool_calls", "store", "additional_properties"})
+
+
+class EndpointChatClient(BaseChatClient):
+    """Agent Framework chat client for an AzureML endpoint (the `{"input_data": ...}` -> `{"output": ...}` contract).
+
+    Non-streaming answers are one HTTP call; streaming yields the whole answer as a single update
+    (the endpoint does not stream). Tools are refused: the endpoint returns text only.
+    """
+
+    OTEL_PROVIDER_NAME = "azureml"
+
+    def __init__(self, endpoint: str, key: str, **client_options: Any):
+        super().__init__()
+        self._client: EndpointClient = get_client(endpoint, key, **client_options)
+
+    @classmethod
+    def from_connection(cls, name: str, **client_options: Any) -> "EndpointChatClient":
+        """From the Prompt Flow CustomConnection a user already has (configs.endpoint, secrets.key)."""
+        from phi3flow.offline import use_offline_defaults
+
+        use_offline_defaults()
+        try:
+            from promptflow.client import PFClient
+        except ImportError:
+            raise RuntimeError(
+                "--connection needs promptflow in this environment; promptflow 1.18 cannot be installed beside "
+                "agent-framework-core 1.x (OpenTelemetry pins), so pass --endpoint and the key instead"
+            ) from None
+        connection = PFClient().connections.get(name, with_secrets=True)
+        endpoint, key = connection.configs.get("endpoint"), connection.secrets.get("key")
+        if not endpoint or not key:
+            raise ValueError(f"connection '{name}' needs configs.endpoint and secrets.key (see connections/phi3_endpoint.yaml)")
+        return cls(endpoint, key, **client_options)
+
+    def __repr__(self) -> str:
+        return f"EndpointChatClient({self._client.endpoint!r})"
+
+    def service_url(self) -> str:
+        return self._client.endpoint
+
+    def _inner_get_response(
+        self, *, messages: Sequence[Message], stream: bool, options: Mapping[str, Any], **kwargs: Any
+    ) -> Awaitable[ChatResponse] | ResponseStream[ChatResponseUpdate, ChatResponse]:
+        if stream:
+            return self._build_response_stream(self._stream_whole_answer(messages, options))
+        return self._respond(messages, options)
+
+    async def _respond(self, messages: Sequence[Message], options: Mapping[str, Any]) -> ChatResponse:
+        text = await self._call(messages, options)
+        return ChatResponse(messages=[Message(role="assistant", contents=[text])], finish_reason="stop")
+
+    async def _stream_whole_answer(self, messages: Sequence[Message], options: Mapping[str, Any]) -> AsyncIterator[ChatResponseUpdate]:
+        yield ChatResponseUpdate(role="assistant", contents=[Content.from_text(await self._call(messages, options))], finish_reason="stop")
+
+    async def _call(self, messages: Sequence[Message], options: Mapping[str, Any]) -> str:
+        """One endpoint call off the event loop (the shared client is blocking `requests`)."""
+        options = await self._validate_options(options)
+        turns = to_turns(prepend_instructions_to_messages(list(messages), options.get("instructions"), role="system"))
+        return await asyncio.to_thread(self._client.chat, turns, **to_parameters(options))
+
+    def answer(self, question: str, history: list[dict] | None = None, instructions: str = "", **options: Any) -> str:
+        """Blocking single answer for evaluation; `history` is the chat flow's chat_history, so one dataset serves both paths."""
+        messages = [Message(role=turn["role"], contents=[turn["content"]]) for turn in to_messages(question, history)]
+        response = asyncio.run(self.get_response(messages, options={"instructions": instructions or None, **options}))
+        return response.text
+
+
+def to_turns(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Agent Framework messages -> contract turns; all system text merged into the one leading system turn the endpoint allows."""
+    system = [m.text for m in messages if m.role == "system" and m.text]
+    turns = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    for message in messages:
+        if message.role == "system":
+            continue
+        if message.role not in ("user", "assistant"):
+            raise ValueError(f"the endpoint takes user/assistant turns only, not {message.role!r} (no tools)")
+        if not message.text:
+            raise ValueError(f"a {message.role} message has no text: the endpoint takes text only")
+        turns.append({"role": message.role, "content": message.text})
+    return turns
+
+
+def to_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Agent Framework chat options -> contract parameters; options the endpoint cannot honour are refused, not dropped."""
+    if options.get("tools"):
+        raise ValueError("the endpoint cannot call tools: create the agent without tools")
+    unsupported = sorted(k for k, v in options.items() if v is not None and k not in PARAMETERS and k not in IGNORED_OPTIONS and k != "tools")
+    if unsupported:
+        raise ValueError(f"the endpoint does not support the option(s) {', '.join(unsupported)}; it takes {', '.join(PARAMETERS)}")
+    return {PARAMETERS[k]: v for k, v in options.items() if k in PARAMETERS and v is not None}
+
+
+async def ask(client: EndpointChatClient, instructions: str, questions: Sequence[str], temperature: float, max_tokens: int) -> list[str]:
+    """Run an agent over the questions in one session, so each answer sees the turns before it."""
+    agent = Agent(client, instructions, default_options={"temperature": temperature, "max_tokens": max_tokens})
+    session = agent.create_session()
+    return [(await agent.run(question, session=session)).text for question in questions]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="phi3flow agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--question", action="append", required=True, help="a user turn; repeat for a multi-turn conversation")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--endpoint", help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score")
+    target.add_argument("--connection", help="name of an existing Prompt Flow CustomConnection (needs promptflow installed)")
+    target.add_argument("--local", action="store_true", help="serve the embedded model locally for the run (needs phi3flow[serve])")
+    parser.add_argument("--key-env", default=KEY_ENV, help=f"environment variable holding the key for --endpoint (default {KEY_ENV})")
+    parser.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS, help="the agent's instructions (sent as the system turn)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="sent as max_new_tokens (default 128)")
+    args = parser.parse_args(argv)
+
+    def run(client: EndpointChatClient) -> int:
+        answers = asyncio.run(ask(client, args.instructions, args.question, args.temperature, args.max_tokens))
+        for question, answer in zip(args.question, answers):
+            print(f"Q: {question}\nA: {answer}", flush=True)
+        return 0
+
+    try:
+        if args.local:
+            from phi3flow.embedded import embedded_model_dir
+            from phi3flow.serve import LocalEndpoint
+
+            with LocalEndpoint(embedded_model_dir()) as local:
+                return run(EndpointChatClient(local.url, local.key))
+        if args.connection:
+            return run(EndpointChatClient.from_connection(args.connection))
+        key = os.environ.get(args.key_env)
+        if not key:
+            parser.error(f"--endpoint needs the key in ${args.key_env} (or name another variable with --key-env)")
+        return run(EndpointChatClient(args.endpoint, key))
+    except (EndpointError, ValueError, RuntimeError) as exc:
+        print(f"phi3flow agent: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,147 @@
+"""The Agent Framework chat client: the endpoint contract through phi3flow.client, and an agent on the embedded model.
+
+agent-framework-core 1.x cannot share an environment with promptflow 1.18 (OpenTelemetry pins), so these
+tests skip in the main venv and run in .venv-agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+
+pytest.importorskip("agent_framework")
+
+from agent_framework import Agent, Message  # noqa: E402
+
+from conftest import SECRET, Reply  # noqa: E402
+from phi3flow.agents import EndpointChatClient, ask  # noqa: E402
+from phi3flow.client import EndpointError  # noqa: E402
+
+FAST = {"backoff_factor": 0.01, "max_backoff": 0.5}
+
+
+def client(endpoint, **options) -> EndpointChatClient:
+    return EndpointChatClient(endpoint.url, SECRET, **{**FAST, **options})
+
+
+def run_agent(chat_client: EndpointChatClient, question: str, **options) -> str:
+    agent = Agent(chat_client, "Be brief.", default_options=options)
+    return asyncio.run(agent.run(question)).text
+
+
+def test_agent_speaks_the_contract(endpoint):
+    endpoint.script = [Reply(body={"output": "Bill Gates and Paul Allen."})]
+    answer = run_agent(client(endpoint), "Who founded Microsoft?", temperature=0.2, top_p=0.9, max_tokens=64)
+    assert answer == "Bill Gates and Paul Allen."
+    sent = endpoint.requests[0]
+    assert sent["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert sent["body"] == {"input_data": {
+        "input_string": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who founded Microsoft?"}],
+        "parameters": {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64},
+    }}
+
+
+def test_session_history_is_sent_as_role_content_turns(endpoint):
+    endpoint.script = [Reply(body={"output": "Bill Gates."}), Reply(body={"output": "1975."})]
+    answers = asyncio.run(ask(client(endpoint), "Be brief.", ["Who founded Microsoft?", "In which year?"], 0.0, 16))
+    assert answers == ["Bill Gates.", "1975."]
+    assert endpoint.requests[1]["body"]["input_data"]["input_string"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": "Bill Gates."},
+        {"role": "user", "content": "In which year?"},
+    ]
+
+
+def test_answer_takes_the_chat_flows_history(endpoint):
+    endpoint.script = [Reply(body={"output": "1975."})]
+    history = [{"inputs": {"question": "Who founded Microsoft?"}, "outputs": {"answer": "Bill Gates."}}]
+    assert client(endpoint).answer("In which year?", history, "Be brief.", temperature=0.0) == "1975."
+    body = endpoint.requests[0]["body"]["input_data"]
+    assert [turn["role"] for turn in body["input_string"]] == ["system", "user", "assistant", "user"]
+    assert body["parameters"] == {"temperature": 0.0}
+
+
+def test_system_messages_merge_into_one_leading_turn(endpoint):
+    messages = [Message(role="system", contents=["Use French."]), Message(role="user", contents=["Bonjour"])]
+    asyncio.run(client(endpoint).get_response(messages, options={"instructions": "Be brief."}))
+    turns = endpoint.requests[0]["body"]["input_data"]["input_string"]
+    assert turns == [{"role": "system", "content": "Be brief.\n\nUse French."}, {"role": "user", "content": "Bonjour"}]
+
+
+def test_streaming_yields_the_whole_answer_once(endpoint):
+    endpoint.script = [Reply(body={"output": "Bill Gates."})]
+
+    async def collect() -> list[str]:
+        return [update.text async for update in client(endpoint).get_response([Message(role="user", contents=["Who?"])], stream=True)]
+
+    assert asyncio.run(collect()) == ["Bill Gates."]
+
+
+@pytest.mark.parametrize(("options", "expected"), [({"seed": 1}, "does not support the option.*seed"), ({"tools": [lambda: 1]}, "cannot call tools")])
+def test_options_the_endpoint_cannot_honour_are_refused(endpoint, options, expected):
+    with pytest.raises(ValueError, match=expected):
+        asyncio.run(client(endpoint).get_response([Message(role="user", contents=["hi"])], options=options))
+    assert not endpoint.requests
+
+
+@pytest.mark.parametrize("busy", [429, 503])
+def test_busy_endpoint_is_retried(endpoint, busy):
+    endpoint.script = [Reply(busy, {"message": "busy"}), Reply(busy), Reply(body={"output": "recovered"})]
+    assert run_agent(client(endpoint), "hi") == "recovered"
+    assert len(endpoint.requests) == 3
+
+
+def test_refused_key_is_explained(endpoint):
+    endpoint.script = [Reply(401, {"message": "invalid key"})]
+    with pytest.raises(EndpointError, match="refused the key.*check the connection's key") as info:
+        run_agent(client(endpoint), "hi")
+    assert info.value.status == 401
+    assert len(endpoint.requests) == 1
+
+
+def test_unreachable_endpoint_is_explained():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        unreachable = EndpointChatClient(f"http://127.0.0.1:{port}/score", SECRET, retries=1, **FAST)
+        with pytest.raises(EndpointError, match=f"cannot reach 127.0.0.1:{port} \\(connection refused\\)"):
+            run_agent(unreachable, "hi")
+
+
+def test_key_never_shown(endpoint, caplog):
+    caplog.set_level(logging.DEBUG)
+    shown = [repr(client(endpoint)), str(client(endpoint).to_dict())]
+    for reply in [Reply(401), Reply(503), Reply(body={"nope": 1})]:
+        endpoint.script, endpoint.requests = [reply], []
+        with pytest.raises(EndpointError) as info:
+            run_agent(client(endpoint, retries=1), "hi")
+        shown += [str(info.value), repr(info.value)]
+    assert all(SECRET not in text for text in shown)
+    assert caplog.records and all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def local_client(embedded_dir):
+    from phi3flow.serve import LocalEndpoint
+
+    with LocalEndpoint(embedded_dir) as local:
+        yield EndpointChatClient(local.url, local.key)
+
+
+@pytest.mark.model
+def test_agent_answers_on_the_embedded_model(local_client):
+    assert "Gates" in run_agent(local_client, "Who founded Microsoft?", temperature=0.0, max_tokens=48)
+
+
+@pytest.mark.model
+def test_agent_keeps_the_conversation_on_the_embedded_model(local_client):
+    agent = Agent(local_client, "You are a helpful assistant. Answer briefly.", default_options={"temperature": 0.0, "max_tokens": 32})
+    session = agent.create_session()
+    history = [Message(role="user", contents=["Let's talk about Paris."]),
+               Message(role="assistant", contents=["Sure, Paris is the capital of France."]),
+               Message(role="user", contents=["Which country is it the capital of?"])]
+    assert "France" in asyncio.run(agent.run(history, session=session)).text

@@ -1,0 +1,210 @@
+"""Evaluation: the metrics on known pairs, `phi3flow eval` against two local endpoints, and the evaluation flow under pf."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+from sacrebleu import sentence_bleu
+
+from conftest import REPO
+from phi3flow.connect import create_connection
+from phi3flow.evaluation import compare
+from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
+from phi3flow.finetune.data import sample_rows
+from phi3flow.offline import stop_pf_service
+
+REFERENCE = "The capital of Norway is Oslo."
+ROWS = sample_rows(size=8)  # the offline sample, in the test data's schema (prompt, prompt_id, messages)
+ANSWERS = {first_turn(r["messages"], "user"): first_turn(r["messages"], "assistant") for r in ROWS}
+
+
+class AnswerBook:
+    """A local endpoint that answers by question (so concurrent calls stay deterministic) and fails on chosen questions."""
+
+    def __init__(self, answer, fail: set[str] = frozenset()):
+        self.answer, self.fail, self.questions = answer, set(fail), []
+        book = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                question = body["input_data"]["input_string"][-1]["content"]
+                book.questions.append(question)
+                failed = question in book.fail
+                data = json.dumps({"message": "scripted failure"} if failed else {"output": book.answer(question)}).encode()
+                self.send_response(400 if failed else 200)  # 400: not retried, so the failing line stays fast
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def books():
+    """Candidate answers like the references; baseline always hedges and first fails on one question."""
+    candidate = AnswerBook(ANSWERS.get)
+    baseline = AnswerBook(lambda question: "I do not know.", fail={ROWS[2]["prompt"]})
+    create_connection(candidate.url, "candidate-key", "eval_candidate")
+    create_connection(baseline.url, "baseline-key", "eval_baseline")
+    yield candidate, baseline
+    candidate.close()
+    baseline.close()
+    stop_pf_service()
+
+
+# --- metrics on known pairs ---------------------------------------------------------------------------------
+
+
+def test_identical_answer_scores_perfectly():
+    assert line_metrics(REFERENCE, REFERENCE) == pytest.approx({"rouge_l": 1.0, "bleu": 100.0, "token_f1": 1.0, "length_ratio": 1.0})
+
+
+def test_disjoint_answer_scores_zero():
+    metrics = line_metrics("Bananas grow on plants", REFERENCE)  # no shared token, not even the full stop
+    assert metrics == pytest.approx({"rouge_l": 0.0, "bleu": 0.0, "token_f1": 0.0, "length_ratio": 4 / 6})
+
+
+def test_partial_overlap_matches_the_libraries():
+    answer = "Oslo is the capital."
+    metrics = line_metrics(answer, REFERENCE)
+    assert metrics["rouge_l"] == pytest.approx(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(REFERENCE, answer)["rougeL"].fmeasure)
+    assert metrics["bleu"] == pytest.approx(sentence_bleu(answer, [REFERENCE]).score)
+    assert 0 < metrics["rouge_l"] < 1 and 0 < metrics["bleu"] < 100
+    # SQuAD tokens: answer {oslo, is, capital}, reference {capital, of, norway, is, oslo}: P=3/3, R=3/5
+    assert metrics["token_f1"] == pytest.approx(2 * 1 * 0.6 / 1.6)
+    assert metrics["length_ratio"] == pytest.approx(4 / 6)
+
+
+def test_prompt_column_is_the_first_user_turn():
+    """Why the chat flow's batch run can map input_data to ${data.prompt}: pf column mapping has no list indexing."""
+    assert all(r["prompt"] == first_turn(r["messages"], "user") for r in sample_rows())
+
+
+def test_paired_comparison_verdicts():
+    clear = paired_comparison([0.9] * 10, [0.1 + 0.01 * i for i in range(10)])
+    assert clear["winner"] == "candidate" and clear["significant"] and clear["p_value"] < 0.01
+    assert clear["ci_low"] <= clear["mean_difference"] <= clear["ci_high"]
+    same = paired_comparison([0.5, 0.7], [0.5, 0.7])
+    assert same["winner"] == "tie" and same["p_value"] == 1.0 and not same["significant"]
+    assert paired_comparison([2.0] * 8, [1.0] * 8, higher_is_better=False)["winner"] == "baseline"
+    stats = summarize([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0 and stats["ci_low"] <= 2.0 <= stats["ci_high"] and stats["n"] == 3
+
+
+# --- phi3flow eval end to end ---------------------------------------------------------------------------------
+
+
+def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: Path, capsys):
+    candidate, baseline = books
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "report"
+    argv = ["--candidate", "eval_candidate", "--baseline", "eval_baseline", "--data", str(data), "--out", str(out),
+            "--concurrency", "3", "--max-new-tokens", "16"]
+
+    assert compare.main(argv) == 1  # one baseline line failed: said in the exit status and the report
+    results = json.loads((out / "metrics.json").read_text())
+    base = results["systems"]["baseline"]
+    assert (base["succeeded"], base["failed"], base["failures"][0]["index"]) == (7, 1, 2)
+    failed_record = [json.loads(x) for x in (out / "eval_baseline.predictions.jsonl").read_text().splitlines()][2]
+    assert failed_record["prediction"] is None and "HTTP 400" in failed_record["error"]
+    # means come from the answered lines only, and agree with the metrics recomputed here
+    expected = [line_metrics("I do not know.", first_turn(r["messages"], "assistant"))["rouge_l"] for i, r in enumerate(ROWS) if i != 2]
+    assert base["metrics"]["rouge_l"]["mean"] == pytest.approx(sum(expected) / 7)
+    assert results["systems"]["candidate"]["metrics"]["rouge_l"]["mean"] == pytest.approx(1.0)
+    assert results["comparison"]["rouge_l"]["n_pairs"] == 7 and results["comparison"]["rouge_l"]["winner"] == "candidate"
+    report = (out / "report.md").read_text()
+    assert "1 failed" in report and "baseline line 3: " in report
+
+    baseline.fail.clear()
+    asked = (len(candidate.questions), len(baseline.questions))
+    assert compare.main([*argv, "--resume"]) == 0
+    assert (len(candidate.questions), len(baseline.questions)) == (asked[0], asked[1] + 1)  # only the failed line again
+    assert baseline.questions[-1] == ROWS[2]["prompt"]
+
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["systems"]["baseline"]["failed"] == 0 and results["comparison"]["rouge_l"]["n_pairs"] == 8
+    verdict = results["comparison"]["rouge_l"]
+    assert verdict["winner"] == "candidate" and verdict["significant"]
+    assert results["largest_differences"][0]["candidate"] == results["largest_differences"][0]["reference"]
+
+    # report, metrics and plot agree
+    report = (out / "report.md").read_text()
+    from PIL import Image
+
+    plotted = json.loads(Image.open(out / "comparison.png").info["Description"])
+    for metric in [*METRICS, compare.LATENCY]:
+        for role in ("candidate", "baseline"):
+            stats = results["systems"][role]["metrics"][metric]
+            assert f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]" in report
+            assert plotted[metric][role] == pytest.approx(stats["mean"])
+    assert f"| rouge_l | {verdict['mean_difference']:.4f} |" in report and "| candidate | yes |" in report
+    assert "Failed lines" not in report
+    assert "Report:" in capsys.readouterr().out
+
+
+def test_eval_rejects_a_missing_connection(tmp_path: Path):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(SystemExit, match="cannot read connection 'nope'"):
+        compare.main(["--candidate", "nope", "--out", str(tmp_path), "--data", str(data)])
+
+
+def test_evaluation_flow_nodes_on_their_sample_data():
+    """The flow's node functions, called directly on its data.jsonl: fast, no pf run needed."""
+    import importlib.util
+
+    def node(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "evaluation/flow" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, name)
+
+    rows = [json.loads(line) for line in (REPO / "evaluation/flow/data.jsonl").read_text().splitlines()]
+    lines = [node("line_metrics")(row["answer"], row["messages"]) for row in rows]
+    assert lines[0] == line_metrics(rows[0]["answer"], first_turn(rows[0]["messages"], "assistant"))
+    means = node("aggregate")(lines)
+    assert means["lines"] == len(rows) >= 3
+    assert means["rouge_l"] == pytest.approx(sum(line["rouge_l"] for line in lines) / len(rows))
+
+
+# --- the evaluation flow under pf, against a chat flow batch run -----------------------------------------------
+
+
+@pytest.mark.e2e
+def test_evaluation_flow_scores_a_chat_batch_run(tmp_path: Path):
+    from promptflow.client import PFClient
+
+    book = AnswerBook(ANSWERS.get, fail={ROWS[1]["prompt"]})
+    try:
+        create_connection(book.url, "chat-key")  # the chat flow's own connection, phi3_endpoint
+        data = tmp_path / "test.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+        pf = PFClient()
+        chat = pf.run(flow=REPO / "flows/chat", data=data, column_mapping={"input_data": "${data.prompt}"})
+        outputs = pf.get_details(chat)
+        assert len(outputs) == 3 and sorted(set(book.questions)) == sorted(r["prompt"] for r in ROWS[:3])
+        evaluation = pf.run(flow=REPO / "evaluation/flow", data=data, run=chat,
+                            column_mapping={"answer": "${run.outputs.answer}", "messages": "${data.messages}"})
+        metrics = pf.get_metrics(evaluation)
+        # the failed chat line has no answer to score: two lines, both answered exactly like the reference
+        assert metrics["lines"] == 2
+        assert metrics == pytest.approx({"rouge_l": 1.0, "bleu": 100.0, "token_f1": 1.0, "length_ratio": 1.0, "lines": 2})
+    finally:
+        book.close()
+        stop_pf_service()
