@@ -123,7 +123,7 @@ def score(records: list[dict]) -> dict[int, dict[str, float]]:
 
 
 def _comparable(metric: str, value: float) -> float:
-    """The value the paired test compares: |ratio - 1| for the length ratio, the value itself otherwise."""
+    """The value the paired test compares: the distance from 1 for the length ratio, the value itself otherwise."""
     return abs(value - 1.0) if metric == "length_ratio" else value
 
 
@@ -144,7 +144,7 @@ def build_results(systems: list[System], records: dict[str, list[dict]], data: P
         candidate, baseline = scores["candidate"], scores["baseline"]
         both = sorted(candidate.keys() & baseline.keys())
         results["comparison"] = {
-            m: {"compared": "|length_ratio - 1|" if m == "length_ratio" else m,
+            m: {"compared": "length_ratio distance from 1" if m == "length_ratio" else m,
                 **paired_comparison([_comparable(m, candidate[i][m]) for i in both], [_comparable(m, baseline[i][m]) for i in both],
                                     higher_is_better=METRICS.get(m, False))}
             for m in metric_names
@@ -208,7 +208,7 @@ def render_report(results: dict) -> str:
             out.append(f"| {verdict['compared']} | {_number(verdict['mean_difference'])} | [{_number(verdict['ci_low'])}, "
                        f"{_number(verdict['ci_high'])}] | {_number(verdict['p_value'])} | {verdict['winner']} | "
                        f"{'yes' if verdict['significant'] else 'no'} |")
-        out += ["", "Lower is better for latency_s and |length_ratio - 1|; higher for the others.", "",
+        out += ["", "Lower is better for latency_s and for the length ratio's distance from 1; higher for the others.", "",
                 "## Lines where the two differ most (ROUGE-L)", ""]
         for line in results["largest_differences"]:
             out += [f"### Line {line['index'] + 1} (ROUGE-L difference {line['rouge_l_difference']:+.3f})", "",

@@ -57,7 +57,7 @@ class EndpointChatClient(BaseChatClient):
         use_offline_defaults()
         try:
             from promptflow.client import PFClient
-        except ImportError:
+        except Exception:  # absent, or broken by agent-framework's newer OpenTelemetry (promptflow re-raises as a bare Exception)
             raise RuntimeError(
                 "--connection needs promptflow in this environment; promptflow 1.18 cannot be installed beside "
                 "agent-framework-core 1.x (OpenTelemetry pins), so pass --endpoint and the key instead"

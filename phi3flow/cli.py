@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "connect": ("phi3flow.connect", "create the Prompt Flow CustomConnection for an endpoint"),
     "demo": ("phi3flow.demo", "end to end: local endpoint on the embedded model -> connection -> pf flow test"),
     "eval": ("phi3flow.evaluation.compare", "evaluate endpoints over test data and compare them"),
+    "agent": ("phi3flow.agents", "ask a Microsoft Agent Framework agent backed by the endpoint (needs agent-framework-core)"),
 }
 
 
