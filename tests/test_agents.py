@@ -145,3 +145,23 @@ def test_agent_keeps_the_conversation_on_the_embedded_model(local_client):
                Message(role="assistant", contents=["Sure, Paris is the capital of France."]),
                Message(role="user", contents=["Which country is it the capital of?"])]
     assert "France" in asyncio.run(agent.run(history, session=session)).text
+
+
+def test_evaluation_via_agent_matches_the_direct_path(endpoint, tmp_path, monkeypatch):
+    """`phi3flow eval --via agent` sends what the Prompt Flow tool's client sends, and scores it the same."""
+    import json
+
+    from phi3flow.evaluation.compare import main as evaluate
+
+    rows = [{"prompt": q, "prompt_id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris."}]}
+            for i, q in enumerate(["Capital of France?", "Largest city in France?"])]
+    data = tmp_path / "test_data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    endpoint.script = [Reply(body={"output": "Paris."})]
+    monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
+    for via in ("client", "agent"):
+        assert evaluate(["--candidate", endpoint.url, "--data", str(data), "--out", str(tmp_path / via), "--via", via, "--concurrency", "1"]) == 0
+    bodies = [request["body"] for request in endpoint.requests]
+    assert bodies[:2] == bodies[2:]
+    metrics = {via: json.loads((tmp_path / via / "metrics.json").read_text())["systems"]["candidate"]["metrics"] for via in ("client", "agent")}
+    assert metrics["client"]["rouge_l"] == metrics["agent"]["rouge_l"] and metrics["agent"]["rouge_l"]["mean"] == 1.0
