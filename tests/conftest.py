@@ -36,7 +36,7 @@ class Reply:
 class ScriptedEndpoint:
     """A local HTTP server answering each POST with the next scripted Reply (the last one repeats)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: list[Reply] = [Reply()]
         self.requests: list[dict] = []
         self.times: list[float] = []
@@ -64,7 +64,7 @@ class ScriptedEndpoint:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
