@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -51,7 +53,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     table: dict[tuple[str, int], dict[str, float]] = {}
     for name, setup in SETUPS.items():
-        with LocalEndpoint(model_dir, threads=setup["threads"], env=setup["env"]) as endpoint:
+        log_file = Path(tempfile.gettempdir()) / f"phi3flow-bench-{name}.log"
+        with LocalEndpoint(model_dir, threads=setup["threads"], env=setup["env"], log_file=log_file) as endpoint:
             load(endpoint, 1, 1, args.max_new_tokens, tokenizer)  # warm-up
             for clients in args.clients:
                 table[name, clients] = load(endpoint, clients, args.requests_per_client, args.max_new_tokens, tokenizer)

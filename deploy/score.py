@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
-log = logging.getLogger("phi3flow.score")
+log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # set by `phi3flow serve`; in Azure the endpoint itself checks keys
 BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base_model_name_or_path
@@ -215,24 +215,53 @@ class ChatModel:
     def generate_batch(self, prompts: list[tuple[list[int], dict[str, Any]]]) -> list[str]:
         """Generate for several encoded prompts sharing decoding settings, in one left-padded batch.
 
-        Each sequence stops at its own end-of-turn token; a sequence whose max_new_tokens is below the
-        batch's is cut to its own limit afterwards.
+        A hand-rolled decode loop over the KV cache instead of `model.generate`: a sequence leaves the
+        batch as soon as it ends its turn or reaches its own max_new_tokens, so one long answer does not
+        keep finished ones computing (on a CPU that waste costs more than batching gains).
         """
-        p = prompts[0][1]
-        limits = [params["max_new_tokens"] for _, params in prompts]
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers.cache_utils import DynamicCache
+
+        torch, p = self.torch, prompts[0][1]
         sample = p.get("do_sample", True) and p["temperature"] > 0
-        options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max(limits), "repetition_penalty": p["repetition_penalty"]}
+        processors = LogitsProcessorList()
+        if p["repetition_penalty"] != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(p["repetition_penalty"]))
         if sample:
-            options.update(temperature=p["temperature"], top_p=p["top_p"])
-        else:  # greedy: unset sampling knobs so generation_config defaults don't warn
-            options.update(temperature=None, top_p=None, top_k=None)
-        width = max(len(ids) for ids, _ in prompts)
+            processors.append(TemperatureLogitsWarper(p["temperature"]))
+            if p["top_p"] < 1.0:
+                processors.append(TopPLogitsWarper(p["top_p"]))
         device = next(self.model.parameters()).device
-        inputs = self.torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in prompts], device=device)
-        mask = self.torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
-        with self.lock, self.torch.inference_mode():
-            out = self.model.generate(input_ids=inputs, attention_mask=mask, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **options)
-        return [self.tokenizer.decode(row[width:width + limit], skip_special_tokens=True).strip() for row, limit in zip(out, limits)]
+        width = max(len(ids) for ids, _ in prompts)
+        sequences = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        limits = torch.tensor([params["max_new_tokens"] for _, params in prompts], device=device)
+        stop = torch.tensor(self.stop_ids, device=device)
+        rows = torch.arange(len(prompts), device=device)  # original index of each sequence still generating
+        answers: list[list[int]] = [[] for _ in prompts]
+        cache, step_input = DynamicCache(), sequences
+        with self.lock, torch.inference_mode():
+            for step in range(int(limits.max())):
+                logits = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                                    logits_to_keep=1).logits  # only the last position: the prompt's logits are never used
+                scores = processors(sequences, logits[:, -1, :].float())
+                tokens = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample else scores.argmax(-1)
+                ended = torch.isin(tokens, stop)
+                for row, token, end in zip(rows.tolist(), tokens.tolist(), ended.tolist()):
+                    if not end:
+                        answers[row].append(token)
+                keep = (~(ended | (step + 1 >= limits[rows]))).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                if keep.numel() < rows.numel():
+                    cache.batch_select_indices(keep)
+                    rows, tokens, sequences, mask, positions = rows[keep], tokens[keep], sequences[keep], mask[keep], positions[keep]
+                step_input = tokens[:, None]
+                sequences = torch.cat([sequences, step_input], dim=1)
+                mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+                positions = positions[:, -1:] + 1
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in answers]
 
 
 class Busy(BadRequest):
@@ -246,13 +275,13 @@ class Busy(BadRequest):
 class Batcher:
     """Dynamic batching: requests from concurrent server threads are queued and generated together.
 
-    A single worker thread takes the first queued request, waits `wait_s` for others to arrive (up to
+    A single worker thread takes the first queued request and those arriving right behind it (up to
     `max_batch`), groups them by decoding settings and runs one batched generate per group. The queue
     is bounded: when full, callers get Busy (503 + Retry-After) instead of piling up.
     """
 
-    def __init__(self, model: ChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.01):
-        self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
+    def __init__(self, model: ChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05, gap_s: float = 0.005):
+        self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         threading.Thread(target=self._loop, name="phi3flow-batcher", daemon=True).start()
 
@@ -265,13 +294,16 @@ class Batcher:
         return done.result()
 
     def _collect(self) -> list[tuple[list[int], dict[str, Any], Future]]:
+        """The first queued request plus those arriving right behind it: keep collecting while arrivals are
+        less than `gap_s` apart, for at most `wait_s` (a lone request waits only `gap_s`)."""
         batch = [self.queue.get()]
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch:
             try:
-                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(self.queue.get(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic()))))
             except queue.Empty:
                 break
+        log.info("Generating a batch of %d (%d waiting)", len(batch), self.queue.qsize())
         return batch
 
     def _loop(self) -> None:
@@ -309,7 +341,7 @@ def init() -> None:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
     _model = ChatModel.load(model_dir)
     _batcher = Batcher(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 64),
-                       wait_s=_env_int(BATCH_WAIT_ENV, 10) / 1000)
+                       wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
     log.info("Model ready (context %d tokens)", _model.context)
 
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -34,9 +35,10 @@ class Reply:
 
 
 class ScriptedEndpoint:
-    """A local HTTP server answering each POST with the next scripted Reply (the last one repeats)."""
+    """A local HTTP server answering each POST with the next scripted Reply (the last one repeats),
+    or with `responder(body)` when given (answers by content stay right under concurrency)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, responder: Callable[[dict], Reply] | None = None) -> None:
         self.script: list[Reply] = [Reply()]
         self.requests: list[dict] = []
         self.times: list[float] = []
@@ -45,9 +47,10 @@ class ScriptedEndpoint:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 length = int(self.headers.get("Content-Length", 0))
-                outer.requests.append({"headers": dict(self.headers), "body": json.loads(self.rfile.read(length) or b"null")})
+                body = json.loads(self.rfile.read(length) or b"null")
+                outer.requests.append({"headers": dict(self.headers), "body": body})
                 outer.times.append(time.monotonic())
-                reply = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                reply = responder(body) if responder else outer.script[min(len(outer.requests), len(outer.script)) - 1]
                 time.sleep(reply.delay)
                 payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
                 data = payload.encode() if isinstance(payload, str) else payload
@@ -67,6 +70,11 @@ class ScriptedEndpoint:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def questions(self) -> list[str]:
+        """The last user turn of each request received, in order."""
+        return [request["body"]["input_data"]["input_string"][-1]["content"] for request in self.requests]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from rouge_score import rouge_scorer
 from sacrebleu import sentence_bleu
 
-from conftest import REPO
+from conftest import REPO, Reply, ScriptedEndpoint
 from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
@@ -23,42 +22,23 @@ ROWS = sample_rows(size=8)  # the offline sample, in the test data's schema (pro
 ANSWERS = {first_turn(r["messages"], "user"): first_turn(r["messages"], "assistant") for r in ROWS}
 
 
-class AnswerBook:
-    """A local endpoint that answers by question (so concurrent calls stay deterministic) and fails on chosen questions."""
+def answer_book(answer: Callable[[str], str], fail: set[str] = frozenset()) -> ScriptedEndpoint:
+    """A local endpoint that answers by question (deterministic under concurrency) and fails on chosen questions."""
 
-    def __init__(self, answer, fail: set[str] = frozenset()):
-        self.answer, self.fail, self.questions = answer, set(fail), []
-        book = self
+    def respond(body: dict) -> Reply:
+        question = body["input_data"]["input_string"][-1]["content"]
+        if question in fail:
+            return Reply(400, {"message": "scripted failure"})  # 400: not retried, so the failing line stays fast
+        return Reply(body={"output": answer(question)})
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                question = body["input_data"]["input_string"][-1]["content"]
-                book.questions.append(question)
-                failed = question in book.fail
-                data = json.dumps({"message": "scripted failure"} if failed else {"output": book.answer(question)}).encode()
-                self.send_response(400 if failed else 200)  # 400: not retried, so the failing line stays fast
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return ScriptedEndpoint(responder=respond)
 
 
 @pytest.fixture
 def books():
     """Candidate answers like the references; baseline always hedges and first fails on one question."""
-    candidate = AnswerBook(ANSWERS.get)
-    baseline = AnswerBook(lambda question: "I do not know.", fail={ROWS[2]["prompt"]})
+    candidate = answer_book(ANSWERS.get)
+    baseline = answer_book(lambda question: "I do not know.", fail={ROWS[2]["prompt"]})
     create_connection(candidate.url, "candidate-key", "eval_candidate")
     create_connection(baseline.url, "baseline-key", "eval_baseline")
     yield candidate, baseline
@@ -190,7 +170,7 @@ def test_evaluation_flow_nodes_on_their_sample_data():
 def test_evaluation_flow_scores_a_chat_batch_run(tmp_path: Path):
     from promptflow.client import PFClient
 
-    book = AnswerBook(ANSWERS.get, fail={ROWS[1]["prompt"]})
+    book = answer_book(ANSWERS.get, fail={ROWS[1]["prompt"]})
     try:
         create_connection(book.url, "chat-key")  # the chat flow's own connection, phi3_endpoint
         data = tmp_path / "test.jsonl"
