@@ -39,7 +39,9 @@ test: install install-agents
 	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py
 
 bench: install
+	$(PY) bench/serve.py
 	$(PY) bench/tool_overhead.py
+	$(PY) bench/train_throughput.py
 
 flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .

@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, Generator, Iterator, NamedTuple
 
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
@@ -30,6 +30,7 @@ log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, s
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # set by `phi3flow serve`; in Azure the endpoint itself checks keys
 BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base_model_name_or_path
+DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
 # Dynamic batching (see Batcher); PHI3FLOW_MAX_BATCH=1 gives the naive one-request-at-a-time path.
 MAX_BATCH_ENV, MAX_QUEUE_ENV, BATCH_WAIT_ENV = "PHI3FLOW_MAX_BATCH", "PHI3FLOW_MAX_QUEUE", "PHI3FLOW_BATCH_WAIT_MS"
 MAX_BODY_BYTES = 1 << 20
@@ -78,6 +79,9 @@ PARAMS: dict[str, Param] = {
     "repetition_penalty": Param(float, 0.0, 10.0, low_open=True),
 }
 DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "repetition_penalty": 1.0}
+
+
+Prompt = tuple[list[int], dict[str, Any]]  # encoded prompt ids and its decoding parameters
 
 
 class ChatRequest(NamedTuple):
@@ -150,7 +154,8 @@ class ChatModel:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # decode() holds it while its prefill of joining requests takes it again
+        self.device = next(model.parameters()).device
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> "ChatModel":
@@ -159,7 +164,7 @@ class ChatModel:
 
         folder = find_model_folder(Path(model_dir))
         cuda = torch.cuda.is_available()
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
+        dtype = _dtype(torch, cuda)
         adapter = folder / "adapter_config.json"
         base = folder
         if adapter.is_file():
@@ -208,60 +213,172 @@ class ChatModel:
         )
 
     def generate(self, request: ChatRequest) -> tuple[str, int]:
-        """One request on its own (tests, and the path a batch of one takes)."""
+        """One request on its own (tests and direct use; the server goes through Batcher)."""
         ids, dropped = self.encode(request.messages, request.params["max_new_tokens"])
         return self.generate_batch([(ids, request.params)])[0], dropped
 
-    def generate_batch(self, prompts: list[tuple[list[int], dict[str, Any]]]) -> list[str]:
-        """Generate for several encoded prompts sharing decoding settings, in one left-padded batch.
+    def generate_batch(self, prompts: list[Prompt]) -> list[str]:
+        """Answers for several encoded prompts sharing decoding settings, in order."""
+        answers: dict[int, str] = {}
+        for handle, text in self.decode([(ids, params, i) for i, (ids, params) in enumerate(prompts)]):
+            answers[handle] = text
+        return [answers[i] for i in range(len(prompts))]
 
-        A hand-rolled decode loop over the KV cache instead of `model.generate`: a sequence leaves the
-        batch as soon as it ends its turn or reaches its own max_new_tokens, so one long answer does not
-        keep finished ones computing (on a CPU that waste costs more than batching gains).
+    def decode(self, first: list[tuple[list[int], dict[str, Any], Any]],
+               admit: Callable[[int], list[tuple[list[int], dict[str, Any], Any]]] = lambda free: [],
+               max_rows: int = 16) -> Iterator[tuple[Any, str]]:
+        """Continuous batching over the KV cache: yields (handle, answer) as each sequence ends.
+
+        A hand-rolled loop instead of `model.generate`: a sequence leaves the batch as soon as it ends its
+        turn or reaches its own max_new_tokens, and between steps `admit(free_slots)` hands in waiting
+        requests (same decoding settings), which join the running batch after their own prefill. On a
+        CPU, a finished sequence that keeps computing costs more than batching gains.
         """
+        torch, params = self.torch, first[0][1]
+        processors = self._processors(params)
+        sample = params.get("do_sample", True) and params["temperature"] > 0
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        state: _DecodeState | None = self._prefill(first, processors, sample)
+        with self.lock, torch.inference_mode():
+            while True:
+                state = yield from self._advance(state, stop)
+                joining = admit(max_rows - (state.size if state else 0))
+                if joining:  # their prefill picks their first token, which may already end them
+                    state = _DecodeState.merge(state, (yield from self._advance(self._prefill(joining, processors, sample), stop)), self.pad_id)
+                if state is None:
+                    return
+                step_input = state.tokens[:, None]
+                state.extend(step_input)
+                logits = self.model(input_ids=step_input, attention_mask=state.mask, position_ids=state.positions, cache=state.cache,
+                                    use_cache=True, logits_to_keep=1).logits
+                state.tokens = self._pick(processors(state.sequences, logits[:, -1, :].float()), sample)
+
+    def _advance(self, state: "_DecodeState", stop: Any) -> Generator[tuple[Any, str], None, "_DecodeState | None"]:
+        """Record the tokens just picked; yield the sequences that ended; return the rest (None if none)."""
+        ended = self.torch.isin(state.tokens, stop)
+        for i, (token, end) in enumerate(zip(state.tokens.tolist(), ended.tolist())):
+            if not end:
+                state.answers[i].append(token)
+        done = ended | (self.torch.tensor([len(a) for a in state.answers], device=self.device) >= state.limits)
+        for i in done.nonzero().squeeze(1).tolist():
+            yield state.handles[i], self.tokenizer.decode(state.answers[i], skip_special_tokens=True).strip()
+        return state.select((~done).nonzero().squeeze(1))
+
+    def _processors(self, params: dict[str, Any]) -> Any:
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+        processors = LogitsProcessorList()
+        if params["repetition_penalty"] != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params["repetition_penalty"]))
+        if params.get("do_sample", True) and params["temperature"] > 0:
+            processors.append(TemperatureLogitsWarper(params["temperature"]))
+            if params["top_p"] < 1.0:
+                processors.append(TopPLogitsWarper(params["top_p"]))
+        return processors
+
+    def _pick(self, scores: Any, sample: bool) -> Any:
+        return self.torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample else scores.argmax(-1)
+
+    def _prefill(self, items: list[tuple[list[int], dict[str, Any], Any]], processors: Any, sample: bool) -> "_DecodeState":
+        """Run the prompts (left-padded) through the model once; the state holds their first tokens."""
         from transformers.cache_utils import DynamicCache
 
-        torch, p = self.torch, prompts[0][1]
-        sample = p.get("do_sample", True) and p["temperature"] > 0
-        processors = LogitsProcessorList()
-        if p["repetition_penalty"] != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(p["repetition_penalty"]))
-        if sample:
-            processors.append(TemperatureLogitsWarper(p["temperature"]))
-            if p["top_p"] < 1.0:
-                processors.append(TopPLogitsWarper(p["top_p"]))
-        device = next(self.model.parameters()).device
-        width = max(len(ids) for ids, _ in prompts)
-        sequences = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
+        torch = self.torch
+        width = max(len(ids) for ids, _, _ in items)
+        sequences = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _, _ in items], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in items], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        limits = torch.tensor([params["max_new_tokens"] for _, params in prompts], device=device)
-        stop = torch.tensor(self.stop_ids, device=device)
-        rows = torch.arange(len(prompts), device=device)  # original index of each sequence still generating
-        answers: list[list[int]] = [[] for _ in prompts]
-        cache, step_input = DynamicCache(), sequences
+        cache = DynamicCache()
         with self.lock, torch.inference_mode():
-            for step in range(int(limits.max())):
-                logits = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                                    logits_to_keep=1).logits  # only the last position: the prompt's logits are never used
-                scores = processors(sequences, logits[:, -1, :].float())
-                tokens = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample else scores.argmax(-1)
-                ended = torch.isin(tokens, stop)
-                for row, token, end in zip(rows.tolist(), tokens.tolist(), ended.tolist()):
-                    if not end:
-                        answers[row].append(token)
-                keep = (~(ended | (step + 1 >= limits[rows]))).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                if keep.numel() < rows.numel():
-                    cache.batch_select_indices(keep)
-                    rows, tokens, sequences, mask, positions = rows[keep], tokens[keep], sequences[keep], mask[keep], positions[keep]
-                step_input = tokens[:, None]
-                sequences = torch.cat([sequences, step_input], dim=1)
-                mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
-                positions = positions[:, -1:] + 1
-        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in answers]
+            logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                                logits_to_keep=1).logits  # only the last position: the prompt's own logits are never used
+            tokens = self._pick(processors(sequences, logits[:, -1, :].float()), sample)
+        limits = torch.tensor([params["max_new_tokens"] for _, params, _ in items], device=self.device)
+        return _DecodeState(cache, sequences, mask, positions[:, -1:], tokens, limits, [[] for _ in items], [h for _, _, h in items])
+
+
+def _dtype(torch: Any, cuda: bool) -> Any:
+    """$PHI3FLOW_DTYPE, else bf16 where the hardware computes it natively (most GPUs; CPUs with AVX512-BF16 or AMX)."""
+    name = os.environ.get(DTYPE_ENV, "auto")
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise RuntimeError(f"{DTYPE_ENV} must be auto, float32, bfloat16 or float16, got {name!r}")
+        return getattr(torch, name)
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        flags = []
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(flags) else torch.float32
+
+
+class _DecodeState:
+    """The sequences being generated together: KV cache, tokens so far, attention mask, positions, limits."""
+
+    def __init__(self, cache: Any, sequences: Any, mask: Any, positions: Any, tokens: Any, limits: Any, answers: list, handles: list):
+        self.cache, self.sequences, self.mask, self.positions = cache, sequences, mask, positions
+        self.tokens, self.limits, self.answers, self.handles = tokens, limits, answers, handles
+
+    @property
+    def size(self) -> int:
+        return len(self.handles)
+
+    def extend(self, step_input: Any) -> None:
+        """Append the last picked tokens before feeding them to the model."""
+        self.sequences = self.torch.cat([self.sequences, step_input], dim=1)
+        self.mask = self.torch.cat([self.mask, self.torch.ones_like(step_input)], dim=1)
+        self.positions = self.positions + 1
+
+    @property
+    def torch(self) -> Any:
+        import torch
+
+        return torch
+
+    def select(self, keep: Any) -> "_DecodeState | None":
+        """Only the rows in `keep` (None when no row is left)."""
+        if keep.numel() == 0:
+            return None
+        if keep.numel() < self.size:
+            self.cache.batch_select_indices(keep)
+            rows = keep.tolist()
+            self.sequences, self.mask, self.positions = self.sequences[keep], self.mask[keep], self.positions[keep]
+            self.tokens, self.limits = self.tokens[keep], self.limits[keep]
+            self.answers, self.handles = [self.answers[i] for i in rows], [self.handles[i] for i in rows]
+            self._trim()
+        return self
+
+    def _trim(self) -> None:
+        """Drop leading columns that no remaining row attends to, so a batch that keeps taking joiners doesn't grow forever."""
+        start = int(self.mask.any(0).nonzero()[0])
+        if start:
+            self.sequences, self.mask = self.sequences[:, start:], self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    @staticmethod
+    def merge(running: "_DecodeState | None", joining: "_DecodeState | None", pad_id: int) -> "_DecodeState | None":
+        """One batch from two: the shorter history is left-padded (masked) so cache and mask line up."""
+        if running is None or joining is None:
+            return running or joining
+        torch = running.torch
+        pad = torch.nn.functional.pad
+        width = max(running.mask.shape[1], joining.mask.shape[1])
+        for state in (running, joining):
+            missing = width - state.mask.shape[1]
+            if missing:
+                state.sequences = pad(state.sequences, (missing, 0), value=pad_id)
+                state.mask = pad(state.mask, (missing, 0), value=0)
+                for layer in state.cache.layers:
+                    layer.keys, layer.values = pad(layer.keys, (0, 0, missing, 0)), pad(layer.values, (0, 0, missing, 0))
+        for target, source in zip(running.cache.layers, joining.cache.layers):
+            target.keys, target.values = torch.cat([target.keys, source.keys]), torch.cat([target.values, source.values])
+        return _DecodeState(
+            running.cache, torch.cat([running.sequences, joining.sequences]), torch.cat([running.mask, joining.mask]),
+            torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]),
+            torch.cat([running.limits, joining.limits]), running.answers + joining.answers, running.handles + joining.handles,
+        )
 
 
 class Busy(BadRequest):
@@ -272,56 +389,81 @@ class Busy(BadRequest):
         self.retry_after = retry_after
 
 
-class Batcher:
-    """Dynamic batching: requests from concurrent server threads are queued and generated together.
+def _decoding(params: dict[str, Any]) -> tuple:
+    """Requests with equal keys can share a batch (same sampling settings)."""
+    return (params.get("do_sample", True) and params["temperature"] > 0, params["temperature"], params["top_p"], params["repetition_penalty"])
 
-    A single worker thread takes the first queued request and those arriving right behind it (up to
-    `max_batch`), groups them by decoding settings and runs one batched generate per group. The queue
-    is bounded: when full, callers get Busy (503 + Retry-After) instead of piling up.
+
+class Batcher:
+    """Dynamic (continuous) batching of requests from concurrent server threads.
+
+    One worker thread takes the oldest waiting request plus those arriving right behind it (arrivals
+    less than `gap_s` apart, for at most `wait_s`), and decodes them together; while it decodes, waiting
+    requests with the same decoding settings join the running batch (up to `max_batch` rows) and each
+    answer returns as soon as its sequence ends. The wait list is bounded: when full, callers get Busy
+    (503 + Retry-After) instead of piling up.
     """
 
     def __init__(self, model: ChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05, gap_s: float = 0.005):
-        self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
-        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.model, self.max_batch, self.max_queue, self.wait_s, self.gap_s = model, max_batch, max_queue, wait_s, gap_s
+        self.join_min, self.join_every, self.steps_since_join = 4, 4, 0
+        self.waiting: list[tuple[list[int], dict[str, Any], Future]] = []
+        self.arrived = threading.Condition()
         threading.Thread(target=self._loop, name="phi3flow-batcher", daemon=True).start()
 
     def submit(self, ids: list[int], params: dict[str, Any]) -> str:
         done: Future = Future()
-        try:
-            self.queue.put_nowait((ids, params, done))
-        except queue.Full:
-            raise Busy() from None
+        with self.arrived:
+            if len(self.waiting) >= self.max_queue:
+                raise Busy()
+            self.waiting.append((ids, params, done))
+            self.arrived.notify()
         return done.result()
 
+    def _take(self, key: tuple, limit: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+        """Up to `limit` waiting requests whose decoding settings match `key`, oldest first (lock held)."""
+        taken = [item for item in self.waiting if _decoding(item[1]) == key][:limit]
+        self.waiting = [item for item in self.waiting if all(item is not t for t in taken)]
+        return taken
+
     def _collect(self) -> list[tuple[list[int], dict[str, Any], Future]]:
-        """The first queued request plus those arriving right behind it: keep collecting while arrivals are
-        less than `gap_s` apart, for at most `wait_s` (a lone request waits only `gap_s`)."""
-        batch = [self.queue.get()]
-        deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.queue.get(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic()))))
-            except queue.Empty:
-                break
-        log.info("Generating a batch of %d (%d waiting)", len(batch), self.queue.qsize())
-        return batch
+        with self.arrived:
+            while not self.waiting:
+                self.arrived.wait()
+            deadline, seen = time.monotonic() + self.wait_s, len(self.waiting)
+            while len(self.waiting) < self.max_batch and time.monotonic() < deadline:
+                self.arrived.wait(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic())))
+                if len(self.waiting) == seen:
+                    break  # nothing arrived within gap_s: go
+                seen = len(self.waiting)
+            return self._take(_decoding(self.waiting[0][1]), self.max_batch)
+
+    def _admit(self, key: tuple, free: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+        """Called between decode steps. A prefill stalls the running batch, so joiners come in groups: at
+        once when the batch is empty or `join_min` are waiting, else after at most `join_every` steps."""
+        self.steps_since_join += 1
+        with self.arrived:
+            ready = sum(1 for item in self.waiting if _decoding(item[1]) == key)
+            if free <= 0 or not ready:
+                return []
+            if free < self.max_batch and ready < min(free, self.join_min) and self.steps_since_join < self.join_every:
+                return []
+            self.steps_since_join = 0
+            return self._take(key, free)
 
     def _loop(self) -> None:
         while True:
-            groups: dict[tuple, list] = {}
-            for item in self._collect():
-                params = item[1]
-                key = (params.get("do_sample", True) and params["temperature"] > 0, params["temperature"], params["top_p"], params["repetition_penalty"])
-                groups.setdefault(key, []).append(item)
-            for items in groups.values():
-                try:
-                    answers = self.model.generate_batch([(ids, params) for ids, params, _ in items])
-                except Exception as exc:  # noqa: BLE001 - handed to each waiting request, logged there
-                    for *_, done in items:
-                        done.set_exception(exc)
-                    continue
-                for (*_, done), answer in zip(items, answers):
+            batch = self._collect()
+            key = _decoding(batch[0][1])
+            log.info("Generating a batch of %d", len(batch))
+            try:
+                for done, answer in self.model.decode(batch, lambda free: self._admit(key, free), self.max_batch):
                     done.set_result(answer)
+            except Exception as exc:  # noqa: BLE001 - handed to every request still waiting on this batch
+                log.exception("Generation failed")
+                for item in batch:
+                    if not item[2].done():
+                        item[2].set_exception(exc)
 
 
 _model: ChatModel | None = None

@@ -144,3 +144,28 @@ def test_lora_adapter_is_loaded_and_changes_output(model, embedded_dir, tmp_path
     assert isinstance(with_adapter.model, PeftModel)
     request = parse_request(body([{"role": "user", "content": "Who founded Microsoft?"}], temperature=0, max_new_tokens=12))
     assert with_adapter.generate(request)[0] != model.generate(request)[0]
+
+
+@pytest.mark.model
+def test_continuous_batching_gives_each_request_its_own_answer(embedded_dir, monkeypatch):
+    """Requests joining a running batch, with their own length limits, get exactly what they would alone (fp32: exact)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv(score.DTYPE_ENV, "float32")
+    model = ChatModel.load(embedded_dir)
+    batcher = score.Batcher(model, max_batch=4)
+    countries = ["France", "Japan", "Germany", "Egypt", "Kenya", "Canada"] * 2
+    requests = [parse_request(body([{"role": "user", "content": f"What is the capital of {c}?"}], temperature=0, max_new_tokens=3 + 5 * (i % 3)))
+                for i, c in enumerate(countries)]
+    alone = [model.generate(request)[0] for request in requests]
+
+    def staggered(i: int) -> str:
+        time.sleep(0.15 * i)  # arrive while earlier ones are mid-generation
+        ids, _ = model.encode(requests[i].messages, requests[i].params["max_new_tokens"])
+        return batcher.submit(ids, requests[i].params)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(staggered, range(len(requests))))
+    assert together == alone
+    assert len(model.tokenizer(together[0])["input_ids"]) <= 3
