@@ -76,8 +76,9 @@ PARAMS: dict[str, Param] = {
     "top_p": Param(float, 0.0, 1.0, low_open=True),
     "max_new_tokens": Param(int, 1, 4096),
     "do_sample": Param(bool, 0, 1),
-    "repetition_penalty": Param(float, 0.0, 10.0, low_open=True),
+    "repetition_penalty": Param(float, 0.01, 10.0),  # dividing logits by less overflows when sampling
 }
+GREEDY_BELOW = 1e-3  # temperatures under this decode greedily (dividing logits by ~0 overflows)
 DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "repetition_penalty": 1.0}
 
 
@@ -236,7 +237,7 @@ class ChatModel:
         """
         torch, params = self.torch, first[0][1]
         processors = self._processors(params)
-        sample = params.get("do_sample", True) and params["temperature"] > 0
+        sample = _samples(params)
         stop = torch.tensor(self.stop_ids, device=self.device)
         state: _DecodeState | None = self._prefill(first, processors, sample)
         with self.lock, torch.inference_mode():
@@ -270,7 +271,7 @@ class ChatModel:
         processors = LogitsProcessorList()
         if params["repetition_penalty"] != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params["repetition_penalty"]))
-        if params.get("do_sample", True) and params["temperature"] > 0:
+        if _samples(params):
             processors.append(TemperatureLogitsWarper(params["temperature"]))
             if params["top_p"] < 1.0:
                 processors.append(TopPLogitsWarper(params["top_p"]))
@@ -391,7 +392,12 @@ class Busy(BadRequest):
 
 def _decoding(params: dict[str, Any]) -> tuple:
     """Requests with equal keys can share a batch (same sampling settings)."""
-    return (params.get("do_sample", True) and params["temperature"] > 0, params["temperature"], params["top_p"], params["repetition_penalty"])
+    return (_samples(params), params["temperature"], params["top_p"], params["repetition_penalty"])
+
+
+def _samples(params: dict[str, Any]) -> bool:
+    """Sampling unless do_sample is false or the temperature is (practically) 0, which means greedy."""
+    return params.get("do_sample", True) and params["temperature"] >= GREEDY_BELOW
 
 
 class Batcher:

@@ -23,15 +23,19 @@ ANSWERS = {first_turn(r["messages"], "user"): first_turn(r["messages"], "assista
 
 
 def answer_book(answer: Callable[[str], str], fail: set[str] = frozenset()) -> ScriptedEndpoint:
-    """A local endpoint that answers by question (deterministic under concurrency) and fails on chosen questions."""
+    """A local endpoint that answers by question (deterministic under concurrency) and fails on the questions
+    in its `fail` set (a test empties it to let the endpoint recover)."""
+    failing = set(fail)
 
     def respond(body: dict) -> Reply:
         question = body["input_data"]["input_string"][-1]["content"]
-        if question in fail:
+        if question in failing:
             return Reply(400, {"message": "scripted failure"})  # 400: not retried, so the failing line stays fast
         return Reply(body={"output": answer(question)})
 
-    return ScriptedEndpoint(responder=respond)
+    book = ScriptedEndpoint(responder=respond)
+    book.fail = failing
+    return book
 
 
 @pytest.fixture

@@ -52,7 +52,8 @@ def live_model(embedded_dir):
 
 
 short_params = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 3)},
-                                     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "do_sample": st.booleans()})
+                                     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "do_sample": st.booleans(),
+                                               "repetition_penalty": st.floats(0.01, 10)})
 conversations = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=300)}),
                          min_size=1, max_size=6).map(lambda t: t + [{"role": "user", "content": "Hi"}])
 
