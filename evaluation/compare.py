@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from phi3flow.client import EndpointError, get_client
+from phi3flow.evaluation.judge import JUDGED, Judge, JudgeError
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
 
 LATENCY = "latency_s"  # per-line seconds, lower is better; compared like the quality metrics
@@ -109,21 +110,31 @@ def _read_predictions(path: Path) -> dict[int, dict]:
 
 
 def predict(system: System, examples: list[Example], out: Path, *, concurrency: int, max_new_tokens: int, resume: bool,
-            via: str = "client") -> list[dict]:
-    """Answer every example (only the missing or failed ones with `resume`); return one record per example, in order."""
+            via: str = "client", judge: Judge | None = None) -> list[dict]:
+    """Answer every example (only the missing or failed ones with `resume`); return one record per example, in order.
+
+    With a judge, each answer is also rated; a line the judge cannot rate counts as failed (resume re-runs it)."""
     path = out / f"{system.name}.predictions.jsonl"
-    done = {index: record for index, record in _read_predictions(path).items() if record.get("error") is None} if resume else {}
+    done = {index: record for index, record in _read_predictions(path).items()
+            if record.get("error") is None and (judge is None or "judged" in record)} if resume else {}
     todo = [ex for ex in examples if ex.index not in done or done[ex.index]["question"] != ex.question]
     ask = asker(system, via, max_new_tokens)
 
     def answer(example: Example) -> dict:
         start = time.monotonic()
+        judged = {}
         try:
             prediction, error = ask(example.question), None
         except EndpointError as exc:
             prediction, error = None, str(exc)
+        latency = round(time.monotonic() - start, 4)
+        if judge is not None and error is None:
+            try:
+                judged = {"judged": judge.rate(example.question, prediction)}
+            except JudgeError as exc:
+                error = f"judge: {exc}"
         return {"index": example.index, "question": example.question, "reference": example.reference,
-                "prediction": prediction, "error": error, LATENCY: round(time.monotonic() - start, 4)}
+                "prediction": prediction, "error": error, LATENCY: latency, **judged}
 
     from tqdm import tqdm
 
@@ -142,7 +153,8 @@ def predict(system: System, examples: list[Example], out: Path, *, concurrency: 
 
 def score(records: list[dict]) -> dict[int, dict[str, float]]:
     """Metrics of every answered line, by line index; failed lines are left out."""
-    return {r["index"]: {**line_metrics(r["prediction"], r["reference"]), LATENCY: r[LATENCY]} for r in records if r["error"] is None}
+    return {r["index"]: {**line_metrics(r["prediction"], r["reference"]), **r.get("judged", {}), LATENCY: r[LATENCY]}
+            for r in records if r["error"] is None}
 
 
 def _comparable(metric: str, value: float) -> float:
@@ -150,10 +162,10 @@ def _comparable(metric: str, value: float) -> float:
     return abs(value - 1.0) if metric == "length_ratio" else value
 
 
-def build_results(systems: list[System], records: dict[str, list[dict]], data: Path) -> dict:
+def build_results(systems: list[System], records: dict[str, list[dict]], data: Path, judged: bool = False) -> dict:
     """Everything the report and the plot show, as written to metrics.json."""
     scores = {s.role: score(records[s.role]) for s in systems}
-    metric_names = [*METRICS, LATENCY]
+    metric_names = [*METRICS, *(JUDGED if judged else []), LATENCY]
     results: dict = {"data": str(data), "lines": len(records[systems[0].role]), "systems": {}}
     for system in systems:
         lines = scores[system.role]
@@ -169,7 +181,7 @@ def build_results(systems: list[System], records: dict[str, list[dict]], data: P
         results["comparison"] = {
             m: {"compared": "length_ratio distance from 1" if m == "length_ratio" else m,
                 **paired_comparison([_comparable(m, candidate[i][m]) for i in both], [_comparable(m, baseline[i][m]) for i in both],
-                                    higher_is_better=METRICS.get(m, False))}
+                                    higher_is_better=METRICS.get(m, m in JUDGED))}
             for m in metric_names
         }
         by_index = {role: {r["index"]: r for r in records[role]} for role in ("candidate", "baseline")}
@@ -257,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default %(default)s)")
     parser.add_argument("--limit", type=int, help="only the first N lines")
     parser.add_argument("--resume", action="store_true", help="keep the answers already in DIR; ask only for missing or failed lines")
+    parser.add_argument("--judge", metavar="CONN", help="Azure OpenAI connection for AI-judged coherence, fluency and relevance (optional)")
+    parser.add_argument("--judge-deployment", default="gpt-4o", help="chat deployment of the judge (default %(default)s)")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--concurrency, --max-new-tokens and --limit must be positive")
@@ -268,10 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_examples(args.data, args.limit)
     roles = [("candidate", args.candidate)] + ([("baseline", args.baseline)] if args.baseline else [])
     systems = [resolve_target(spec, role, args.key_env) for role, spec in roles]
+    judge = None
+    if args.judge:
+        try:
+            judge = Judge.from_connection(args.judge, args.judge_deployment)
+        except JudgeError as exc:
+            parser.error(str(exc))
+    else:
+        print("AI-judged metrics (coherence, fluency, relevance) skipped: no Azure OpenAI connection given (--judge CONN)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
-                               resume=args.resume, via=args.via) for s in systems}
-    results = build_results(systems, records, args.data)
+                               resume=args.resume, via=args.via, judge=judge) for s in systems}
+    results = build_results(systems, records, args.data, judged=judge is not None)
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     plot(results, args.out / "comparison.png")
     (args.out / "report.md").write_text(render_report(results), encoding="utf-8")

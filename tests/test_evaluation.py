@@ -142,6 +142,38 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     assert "Report:" in capsys.readouterr().out
 
 
+
+def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, monkeypatch, capsys):
+    """--judge rates each answer through a (local, scripted) Azure OpenAI chat deployment; without it, one note."""
+    from promptflow.client import PFClient
+    from promptflow.entities import AzureOpenAIConnection
+
+    ratings = {"Coherence": "4", "Fluency": "5", "Relevance": "3"}
+
+    def grade(body: dict) -> Reply:
+        rubric = body["messages"][1]["content"].split(":")[0]
+        return Reply(body={"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ratings[rubric]}}]})
+
+    chat, judge = answer_book(ANSWERS.get), ScriptedEndpoint(responder=grade)
+    PFClient().connections.create_or_update(AzureOpenAIConnection(
+        name="eval_judge", api_key="judge-key", api_base=f"http://127.0.0.1:{judge.server.server_address[1]}", api_version="2024-06-01"))
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", "chat-key")
+    try:
+        assert compare.main(["--candidate", chat.url, "--data", str(data), "--out", str(tmp_path / "plain")]) == 0
+        assert "AI-judged metrics (coherence, fluency, relevance) skipped" in capsys.readouterr().err
+        assert compare.main(["--candidate", chat.url, "--data", str(data), "--out", str(tmp_path / "judged"), "--judge", "eval_judge"]) == 0
+    finally:
+        chat.close()
+        judge.close()
+    assert len(judge.requests) == 3 * 3 and all(r["headers"]["api-key"] == "judge-key" for r in judge.requests)
+    metrics = json.loads((tmp_path / "judged" / "metrics.json").read_text())["systems"]["candidate"]["metrics"]
+    assert (metrics["coherence"]["mean"], metrics["fluency"]["mean"], metrics["relevance"]["mean"]) == (4.0, 5.0, 3.0)
+    assert "coherence" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["systems"]["candidate"]["metrics"]
+    assert "| relevance |" in (tmp_path / "judged" / "report.md").read_text()
+
 def test_eval_rejects_a_missing_connection(tmp_path: Path):
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps(ROWS[0]) + "\n")
