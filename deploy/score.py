@@ -462,8 +462,14 @@ class Batcher:
             batch = self._collect()
             key = _decoding(batch[0][1])
             log.info("Generating a batch of %d", len(batch))
+
+            def admit(free: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+                joining = self._admit(key, free)
+                batch.extend(joining)  # so a failure below reaches the joiners too
+                return joining
+
             try:
-                for done, answer in self.model.decode(batch, lambda free: self._admit(key, free), self.max_batch):
+                for done, answer in self.model.decode(list(batch), admit, self.max_batch):
                     done.set_result(answer)
             except Exception as exc:  # noqa: BLE001 - handed to every request still waiting on this batch
                 log.exception("Generation failed")

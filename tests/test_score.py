@@ -169,3 +169,37 @@ def test_continuous_batching_gives_each_request_its_own_answer(embedded_dir, mon
         together = list(pool.map(staggered, range(len(requests))))
     assert together == alone
     assert len(model.tokenizer(together[0])["input_ids"]) <= 3
+
+
+@pytest.mark.model
+def test_a_failing_batch_fails_every_request_in_it_and_the_batcher_goes_on(embedded_dir, monkeypatch):
+    """Requests that joined a batch whose generation fails get the error instead of waiting forever."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = ChatModel.load(embedded_dir)
+    batcher = score.Batcher(model, max_batch=4)
+    request = parse_request(body([{"role": "user", "content": "Count to ten."}], temperature=0, max_new_tokens=12))
+    ids, _ = model.encode(request.messages, 12)
+    real_prefill, calls, joined = model._prefill, [], threading.Event()
+
+    def failing_second_prefill(items, *args):
+        calls.append(len(items))
+        if len(calls) == 2:  # the joiners' prefill
+            joined.set()
+            raise RuntimeError("GPU fell off the bus")
+        return real_prefill(items, *args)
+
+    monkeypatch.setattr(model, "_prefill", failing_second_prefill)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.submit, ids, request.params)
+        while not calls:  # the first batch has started
+            time.sleep(0.001)
+        second = pool.submit(batcher.submit, ids, request.params)
+        assert joined.wait(30)
+        for future in (first, second):
+            with pytest.raises(RuntimeError, match="fell off the bus"):
+                future.result(timeout=30)
+    monkeypatch.setattr(model, "_prefill", real_prefill)
+    assert batcher.submit(ids, request.params)  # the batcher thread survived
