@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from concurrent.futures import Future
