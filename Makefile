@@ -45,6 +45,7 @@ bench: install
 
 flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
+	cp flows/chat/phi3flow-*.whl evaluation/flow/
 
 clean:
 	rm -rf $(VENV) $(AGENTS_VENV) build *.egg-info flows/chat/.promptflow
