@@ -103,3 +103,16 @@ def test_serve_cli_generates_key_and_prints_url(embedded_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_demo_runs_the_whole_chain_and_cleans_up():
+    """`make demo`'s job: endpoint -> connection -> pf flow test -> answer, then nothing left running.
+
+    Kept last in this module: it re-points the phi3_endpoint connection at its own endpoint, which it then stops."""
+    result = subprocess.run([sys.executable, "-m", "phi3flow.cli", "demo"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = result.stdout.split("\nA: ", 1)[1]
+    assert "Gates" in answer
+    port = int(result.stdout.split("ready at http://127.0.0.1:", 1)[1].split("/", 1)[0])
+    with pytest.raises(requests.ConnectionError):  # the demo's endpoint is gone
+        requests.get(f"http://127.0.0.1:{port}/", timeout=5)
