@@ -36,7 +36,7 @@ demo: install
 
 test: install install-agents
 	$(PY) -m pytest
-	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py
+	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py tests/test_readme.py
 
 bench: install
 	$(PY) bench/serve.py
