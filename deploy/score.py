@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, NamedTuple
 
+import torch
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
@@ -82,6 +83,7 @@ DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "repetition
 
 
 Prompt = tuple[list[int], dict[str, Any]]  # encoded prompt ids and its decoding parameters
+Pending = tuple[list[int], dict[str, Any], Any]  # a Prompt plus a handle that its answer is returned with
 
 
 class ChatRequest(NamedTuple):
@@ -146,25 +148,21 @@ class ChatModel:
     """A causal LM with its tokenizer and chat template; generation stops at the end-of-turn token."""
 
     def __init__(self, model: Any, tokenizer: Any):
-        import torch
-
-        self.torch = torch
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.lock = threading.RLock()  # decode() holds it while its prefill of joining requests takes it again
+        self.lock = threading.Lock()  # one decode loop at a time over the model
         self.device = next(model.parameters()).device
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> "ChatModel":
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = find_model_folder(Path(model_dir))
         cuda = torch.cuda.is_available()
-        dtype = _dtype(torch, cuda)
+        dtype = _dtype(cuda)
         adapter = folder / "adapter_config.json"
         base = folder
         if adapter.is_file():
@@ -224,8 +222,8 @@ class ChatModel:
             answers[handle] = text
         return [answers[i] for i in range(len(prompts))]
 
-    def decode(self, first: list[tuple[list[int], dict[str, Any], Any]],
-               admit: Callable[[int], list[tuple[list[int], dict[str, Any], Any]]] = lambda free: [],
+    def decode(self, first: list[Pending],
+               admit: Callable[[int], list[Pending]] = lambda free: [],
                max_rows: int = 16) -> Iterator[tuple[Any, str]]:
         """Continuous batching over the KV cache: yields (handle, answer) as each sequence ends.
 
@@ -234,12 +232,12 @@ class ChatModel:
         requests (same decoding settings), which join the running batch after their own prefill. On a
         CPU, a finished sequence that keeps computing costs more than batching gains.
         """
-        torch, params = self.torch, first[0][1]
+        params = first[0][1]
         processors = self._processors(params)
         sample = _samples(params)
         stop = torch.tensor(self.stop_ids, device=self.device)
-        state: _DecodeState | None = self._prefill(first, processors, sample)
         with self.lock, torch.inference_mode():
+            state: _DecodeState | None = self._prefill(first, processors, sample)
             while True:
                 state = yield from self._advance(state, stop)
                 joining = admit(max_rows - (state.size if state else 0))
@@ -255,11 +253,11 @@ class ChatModel:
 
     def _advance(self, state: "_DecodeState", stop: Any) -> Generator[tuple[Any, str], None, "_DecodeState | None"]:
         """Record the tokens just picked; yield the sequences that ended; return the rest (None if none)."""
-        ended = self.torch.isin(state.tokens, stop)
+        ended = torch.isin(state.tokens, stop)
         for i, (token, end) in enumerate(zip(state.tokens.tolist(), ended.tolist())):
             if not end:
                 state.answers[i].append(token)
-        done = ended | (self.torch.tensor([len(a) for a in state.answers], device=self.device) >= state.limits)
+        done = ended | (torch.tensor([len(a) for a in state.answers], device=self.device) >= state.limits)
         for i in done.nonzero().squeeze(1).tolist():
             yield state.handles[i], self.tokenizer.decode(state.answers[i], skip_special_tokens=True).strip()
         return state.select((~done).nonzero().squeeze(1))
@@ -277,27 +275,25 @@ class ChatModel:
         return processors
 
     def _pick(self, scores: Any, sample: bool) -> Any:
-        return self.torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample else scores.argmax(-1)
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1) if sample else scores.argmax(-1)
 
-    def _prefill(self, items: list[tuple[list[int], dict[str, Any], Any]], processors: Any, sample: bool) -> "_DecodeState":
-        """Run the prompts (left-padded) through the model once; the state holds their first tokens."""
+    def _prefill(self, items: list[Pending], processors: Any, sample: bool) -> "_DecodeState":
+        """Run the prompts (left-padded) through the model once; the state holds their first tokens (caller holds the lock)."""
         from transformers.cache_utils import DynamicCache
 
-        torch = self.torch
         width = max(len(ids) for ids, _, _ in items)
         sequences = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _, _ in items], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in items], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with self.lock, torch.inference_mode():
-            logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                                logits_to_keep=1).logits  # only the last position: the prompt's own logits are never used
-            tokens = self._pick(processors(sequences, logits[:, -1, :].float()), sample)
+        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                            logits_to_keep=1).logits  # only the last position: the prompt's own logits are never used
+        tokens = self._pick(processors(sequences, logits[:, -1, :].float()), sample)
         limits = torch.tensor([params["max_new_tokens"] for _, params, _ in items], device=self.device)
         return _DecodeState(cache, sequences, mask, positions[:, -1:], tokens, limits, [[] for _ in items], [h for _, _, h in items])
 
 
-def _dtype(torch: Any, cuda: bool) -> Any:
+def _dtype(cuda: bool) -> Any:
     """$PHI3FLOW_DTYPE, else bf16 where the hardware computes it natively (most GPUs; CPUs with AVX512-BF16 or AMX)."""
     name = os.environ.get(DTYPE_ENV, "auto")
     if name != "auto":
@@ -326,15 +322,9 @@ class _DecodeState:
 
     def extend(self, step_input: Any) -> None:
         """Append the last picked tokens before feeding them to the model."""
-        self.sequences = self.torch.cat([self.sequences, step_input], dim=1)
-        self.mask = self.torch.cat([self.mask, self.torch.ones_like(step_input)], dim=1)
+        self.sequences = torch.cat([self.sequences, step_input], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(step_input)], dim=1)
         self.positions = self.positions + 1
-
-    @property
-    def torch(self) -> Any:
-        import torch
-
-        return torch
 
     def select(self, keep: Any) -> "_DecodeState | None":
         """Only the rows in `keep` (None when no row is left)."""
@@ -362,7 +352,6 @@ class _DecodeState:
         """One batch from two: the shorter history is left-padded (masked) so cache and mask line up."""
         if running is None or joining is None:
             return running or joining
-        torch = running.torch
         pad = torch.nn.functional.pad
         width = max(running.mask.shape[1], joining.mask.shape[1])
         for state in (running, joining):
@@ -412,7 +401,7 @@ class Batcher:
     def __init__(self, model: ChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05, gap_s: float = 0.005):
         self.model, self.max_batch, self.max_queue, self.wait_s, self.gap_s = model, max_batch, max_queue, wait_s, gap_s
         self.join_min, self.join_every, self.steps_since_join = 4, 4, 0
-        self.waiting: list[tuple[list[int], dict[str, Any], Future]] = []
+        self.waiting: list[Pending] = []
         self.arrived = threading.Condition()
         threading.Thread(target=self._loop, name="phi3flow-batcher", daemon=True).start()
 
@@ -425,13 +414,13 @@ class Batcher:
             self.arrived.notify()
         return done.result()
 
-    def _take(self, key: tuple, limit: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+    def _take(self, key: tuple, limit: int) -> list[Pending]:
         """Up to `limit` waiting requests whose decoding settings match `key`, oldest first (lock held)."""
         taken = [item for item in self.waiting if _decoding(item[1]) == key][:limit]
         self.waiting = [item for item in self.waiting if all(item is not t for t in taken)]
         return taken
 
-    def _collect(self) -> list[tuple[list[int], dict[str, Any], Future]]:
+    def _collect(self) -> list[Pending]:
         with self.arrived:
             while not self.waiting:
                 self.arrived.wait()
@@ -443,7 +432,7 @@ class Batcher:
                 seen = len(self.waiting)
             return self._take(_decoding(self.waiting[0][1]), self.max_batch)
 
-    def _admit(self, key: tuple, free: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+    def _admit(self, key: tuple, free: int) -> list[Pending]:
         """Called between decode steps. A prefill stalls the running batch, so joiners come in groups: at
         once when the batch is empty or `join_min` are waiting, else after at most `join_every` steps."""
         self.steps_since_join += 1
@@ -462,7 +451,7 @@ class Batcher:
             key = _decoding(batch[0][1])
             log.info("Generating a batch of %d", len(batch))
 
-            def admit(free: int) -> list[tuple[list[int], dict[str, Any], Future]]:
+            def admit(free: int) -> list[Pending]:
                 joining = self._admit(key, free)
                 batch.extend(joining)  # so a failure below reaches the joiners too
                 return joining

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from phi3flow.client import EndpointError, get_client
+from phi3flow.connect import read_connection
 from phi3flow.evaluation.judge import JUDGED, Judge, JudgeError
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
 
@@ -63,20 +64,6 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def connection_endpoint(name: str) -> tuple[str, str]:
-    """The scoring URL and key stored in a Prompt Flow connection (the key decrypted, never printed)."""
-    from promptflow.client import PFClient
-
-    try:
-        connection = PFClient().connections.get(name, with_secrets=True)
-    except Exception as exc:  # promptflow raises its own not-found error types, which vary by version
-        raise SystemExit(f"phi3flow eval: cannot read connection '{name}' ({type(exc).__name__}): create it with 'phi3flow connect --name {name} ...'") from None
-    endpoint, key = (connection.configs or {}).get("endpoint"), (connection.secrets or {}).get("key")
-    if not endpoint or not key:
-        raise SystemExit(f"phi3flow eval: connection '{name}' needs configs.endpoint and secrets.key")
-    return endpoint, key
-
-
 def resolve_target(spec: str, role: str, key_env: str) -> System:
     """A Prompt Flow connection name, or a scoring URL whose key is in $key_env (where promptflow is not installed)."""
     if spec.startswith(("http://", "https://")):
@@ -84,7 +71,10 @@ def resolve_target(spec: str, role: str, key_env: str) -> System:
         if not key:
             raise SystemExit(f"phi3flow eval: {spec} needs its key in ${key_env} (or name another variable with --key-env)")
         return System(role, role, spec, key)
-    return System(role, spec, *connection_endpoint(spec))
+    try:
+        return System(role, spec, *read_connection(spec))
+    except ValueError as exc:
+        raise SystemExit(f"phi3flow eval: {exc}") from None
 
 
 def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]:

@@ -27,6 +27,7 @@ from agent_framework import (
 )
 
 from phi3flow.client import EndpointClient, EndpointError, get_client, to_messages
+from phi3flow.connect import read_connection
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly and factually."
@@ -56,16 +57,14 @@ class EndpointChatClient(BaseChatClient):
 
         use_offline_defaults()
         try:
-            from promptflow.client import PFClient
-        except Exception:  # absent, or broken by agent-framework's newer OpenTelemetry (promptflow re-raises as a bare Exception)
+            endpoint, key = read_connection(name)
+        except ValueError:
+            raise
+        except Exception:  # promptflow absent, or broken by agent-framework's newer OpenTelemetry (it re-raises a bare Exception)
             raise RuntimeError(
                 "--connection needs promptflow in this environment; promptflow 1.18 cannot be installed beside "
                 "agent-framework-core 1.x (OpenTelemetry pins), so pass --endpoint and the key instead"
             ) from None
-        connection = PFClient().connections.get(name, with_secrets=True)
-        endpoint, key = connection.configs.get("endpoint"), connection.secrets.get("key")
-        if not endpoint or not key:
-            raise ValueError(f"connection '{name}' needs configs.endpoint and secrets.key (see connections/phi3_endpoint.yaml)")
         return cls(endpoint, key, **client_options)
 
     def __repr__(self) -> str:

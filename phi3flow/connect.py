@@ -10,9 +10,31 @@ import argparse
 import getpass
 import os
 import sys
+from typing import Any
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
 DEFAULT_NAME = "phi3_endpoint"
+
+
+def endpoint_and_key(connection: Any, name: str = "the connection") -> tuple[str, str]:
+    """configs.endpoint and secrets.key of a CustomConnection, or a ValueError naming the one missing."""
+    configs, secrets = dict(connection.configs or {}), dict(connection.secrets or {})
+    if not configs.get("endpoint"):
+        raise ValueError(f"{name} has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score)")
+    if not secrets.get("key"):
+        raise ValueError(f"{name} has no secrets.key: set it to the endpoint's primary key")
+    return configs["endpoint"], secrets["key"]
+
+
+def read_connection(name: str) -> tuple[str, str]:
+    """The scoring URL and key of a connection in the local Prompt Flow store (the key decrypted, never printed)."""
+    from promptflow.client import PFClient
+
+    try:
+        connection = PFClient().connections.get(name, with_secrets=True)
+    except Exception as exc:  # promptflow raises its own not-found error types, which vary by version
+        raise ValueError(f"cannot read connection '{name}' ({type(exc).__name__}): create it with 'phi3flow connect --name {name} ...'") from None
+    return endpoint_and_key(connection, f"connection '{name}'")
 
 
 def create_connection(endpoint: str, key: str, name: str = DEFAULT_NAME) -> None:

@@ -6,6 +6,7 @@ from promptflow.connections import CustomConnection
 from promptflow.core import tool
 
 from phi3flow.client import get_client, to_messages
+from phi3flow.connect import endpoint_and_key
 
 
 @tool
@@ -19,11 +20,6 @@ def chat(
     max_new_tokens: int = 128,
 ) -> str:
     """Send the question and the chat history to the endpoint and return the model's answer."""
-    configs, secrets = dict(connection.configs or {}), dict(connection.secrets or {})
-    if not configs.get("endpoint"):
-        raise ValueError("the connection has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score)")
-    if not secrets.get("key"):
-        raise ValueError("the connection has no secrets.key: set it to the endpoint's primary key")
-    client = get_client(configs["endpoint"], secrets["key"])
+    client = get_client(*endpoint_and_key(connection))
     messages = to_messages(input_data, chat_history, system_prompt)
     return client.chat(messages, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
