@@ -27,9 +27,8 @@ from agent_framework import (
 )
 
 from phi3flow.client import EndpointClient, EndpointError, get_client, to_messages
-from phi3flow.connect import read_connection
+from phi3flow.connect import KEY_ENV, read_connection
 
-KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly and factually."
 # Agent Framework option -> endpoint contract parameter. Anything else the endpoint cannot honour.
 PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}

@@ -7,6 +7,7 @@ works in Azure. The key travels to the server in its environment, never on a com
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import secrets
 import signal
@@ -24,10 +25,8 @@ HOST = "127.0.0.1"
 
 
 def _score_script() -> Path:
-    """score.py from the installed package (works for editable and wheel installs alike)."""
-    from phi3flow.deploy import score  # noqa: F401  (import only to locate the file)
-
-    return Path(score.__file__).resolve()
+    """score.py from the installed package (editable or wheel), located without importing it (it imports torch)."""
+    return Path(importlib.util.find_spec("phi3flow.deploy.score").origin).resolve()
 
 
 def free_port() -> int:
