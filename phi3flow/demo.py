@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from phi3flow.connect import DEFAULT_NAME, create_connection
-from phi3flow.offline import offline_environment, pf_executable, stop_pf_service, use_offline_defaults
+from phi3flow.offline import pf_executable, stop_pf_service, use_offline_defaults
 from phi3flow.serve import LocalEndpoint, resolve_model_dir
 
 REPO_FLOW = Path(__file__).resolve().parent.parent / "flows" / "chat"
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             create_connection(endpoint.url, endpoint.key, DEFAULT_NAME)
             print(f"3/3 pf flow test --flow {flow} --inputs input_data=...", flush=True)
             command = [pf_executable(), "flow", "test", "--flow", str(flow), "--inputs", f"input_data={args.question}"]
-            result = subprocess.run(command, env=offline_environment(), capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True)  # inherits the offline defaults set above
             if result.returncode != 0:
                 print(result.stdout[-3000:], result.stderr[-3000:], sep="\n", file=sys.stderr)
                 print("phi3flow demo: pf flow test failed (output above)", file=sys.stderr)
