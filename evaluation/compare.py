@@ -2,8 +2,10 @@
 
 Each endpoint is a Prompt Flow connection (the same ones the chat flow uses). Answers are written line by line
 to DIR/<name>.predictions.jsonl as they arrive, so an interrupted or partly failed run is finished with
-`--resume` without asking again for the lines already answered. Decoding is greedy (temperature 0) so two
-runs of the same model give the same answers and differences come from the models.
+`--resume` without asking again for the lines already answered. Decoding is greedy (temperature 0); two runs
+give the same answers only where the server's decoding is batch-invariant (`x-phi3flow-batch-invariant: true`,
+e.g. `phi3flow serve` in float32 on a CPU), so the report records the decoding settings and that guarantee.
+Every report has a no-model floor beside the endpoints: the answer of the most similar training question.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import requests
+
 from phi3flow.client import EndpointError, get_client
 from phi3flow.connect import read_connection
 from phi3flow.evaluation.judge import JUDGED, Judge, JudgeError
-from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
+from phi3flow.evaluation.metrics import (CORPUS_METRICS, METRICS, SIGNIFICANCE, at_floor, bleu_statistics, corpus_bleu_statistic,
+                                         first_turn, format_p, holm, line_metrics, nearest_answers, paired_comparison, summarize)
 
 LATENCY = "latency_s"  # per-line seconds, lower is better; compared like the quality metrics
+FLOOR = "floor"  # the no-model baseline's column
+BATCH_INVARIANT_HEADER = "x-phi3flow-batch-invariant"  # "true": the server's greedy answers never depend on the batch
+BATCH_SIZE_HEADER = "x-phi3flow-batch-size"  # most sequences decoded together while an answer was generated
+GREEDY = {"temperature": 0.0, "top_p": 1.0}  # the decoding every line is asked with
 DIFFERING_LINES = 5
 
 
@@ -83,9 +93,9 @@ def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]
         from phi3flow.agents import EndpointChatClient
 
         agent_client = EndpointChatClient(system.endpoint, system.key)
-        return lambda question: agent_client.answer(question, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens)
+        return lambda question: agent_client.answer(question, **GREEDY, max_tokens=max_new_tokens)
     client = get_client(system.endpoint, system.key)
-    return lambda question: client.chat([{"role": "user", "content": question}], temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    return lambda question: client.chat([{"role": "user", "content": question}], **GREEDY, max_new_tokens=max_new_tokens)
 
 
 def _read_predictions(path: Path) -> dict[int, dict]:
@@ -143,8 +153,50 @@ def predict(system: System, examples: list[Example], out: Path, *, concurrency: 
 
 def score(records: list[dict]) -> dict[int, dict[str, float]]:
     """Metrics of every answered line, by line index; failed lines are left out."""
-    return {r["index"]: {**line_metrics(r["prediction"], r["reference"]), **r.get("judged", {}), LATENCY: r[LATENCY]}
+    return {r["index"]: {**line_metrics(r["prediction"], r["reference"], r["question"]), **r.get("judged", {}), LATENCY: r[LATENCY]}
             for r in records if r["error"] is None}
+
+
+def floor_answers(examples: list[Example], train: Path | None) -> tuple[str, dict[int, str]]:
+    """The no-model floor: each line answered with the answer of the most similar training question (or, with no
+    training file, of the most similar other test question). Returns (how it was made, answers by line index)."""
+    questions = [ex.question for ex in examples]
+    if train is not None:
+        pool = [(ex.question, ex.reference) for ex in load_examples(train)]
+        method, answers = f"no model: the answer of the most similar question in {train} (SQuAD token F1)", nearest_answers(questions, pool)
+    else:
+        pool = [(ex.question, ex.reference) for ex in examples]
+        method = "no model: the answer of the most similar other test question (SQuAD token F1; no training file given)"
+        answers = nearest_answers(questions, pool, exclude_same=True)
+    return method, {ex.index: answer for ex, answer in zip(examples, answers)}
+
+
+class ServerHeaders:
+    """What a server said about its batching on every answer it sent (a response hook on the endpoint's pooled
+    client, which the client and agent paths share): whether it guarantees that greedy answers do not depend on
+    what shares their batch, and the largest batch each answer was decoded in. No extra request is made."""
+
+    def __init__(self, system: System):
+        self._hooks = get_client(system.endpoint, system.key).session.hooks["response"]
+        self._lock = threading.Lock()
+        self.invariant: set[bool] = set()
+        self.batch_sizes: list[int] = []
+        self._hooks.append(self._record)
+
+    def _record(self, response: requests.Response, *args, **kwargs) -> None:
+        invariant, size = response.headers.get(BATCH_INVARIANT_HEADER), response.headers.get(BATCH_SIZE_HEADER, "")
+        with self._lock:
+            if invariant is not None:
+                self.invariant.add(invariant.strip().lower() == "true")
+            if size.strip().isdigit():
+                self.batch_sizes.append(int(size))
+
+    def detach(self) -> dict:
+        """Stop listening; the summary for metrics.json (None where the server did not say)."""
+        self._hooks.remove(self._record)
+        sizes = self.batch_sizes
+        return {"batch_invariant": all(self.invariant) if self.invariant else None,
+                "largest_batch": max(sizes) if sizes else None, "answers_batched": sum(s > 1 for s in sizes) if sizes else None}
 
 
 def _comparable(metric: str, value: float) -> float:
@@ -152,33 +204,63 @@ def _comparable(metric: str, value: float) -> float:
     return abs(value - 1.0) if metric == "length_ratio" else value
 
 
-def build_results(systems: list[System], records: dict[str, list[dict]], data: Path, judged: bool = False) -> dict:
+def _metric_summaries(lines: dict[int, dict[str, float]], answers: dict[int, str], references: dict[int, str], names: list[str]) -> dict:
+    """Per-line metrics as means with CIs, then the corpus metrics over the same lines."""
+    summaries = {m: summarize([line[m] for line in lines.values()]) for m in names}
+    indices = sorted(lines)
+    stats = bleu_statistics([answers[i] for i in indices], [references[i] for i in indices])
+    return {**summaries, "corpus_bleu": summarize(stats, statistic=corpus_bleu_statistic)}
+
+
+def build_results(systems: list[System], records: dict[str, list[dict]], data: Path, judged: bool = False, *,
+                  floor: tuple[str, dict[int, str]], decoding: dict, servers: dict[str, dict]) -> dict:
     """Everything the report and the plot show, as written to metrics.json."""
     scores = {s.role: score(records[s.role]) for s in systems}
     metric_names = [*METRICS, *(JUDGED if judged else []), LATENCY]
-    results: dict = {"data": str(data), "lines": len(records[systems[0].role]), "systems": {}}
+    first = records[systems[0].role]
+    references = {r["index"]: r["reference"] for r in first}
+    answers = {role: {r["index"]: r["prediction"] for r in records[role]} for role in scores}
+    results: dict = {"data": str(data), "lines": len(first), "decoding": decoding, "systems": {}}
     for system in systems:
         lines = scores[system.role]
         failed = [r for r in records[system.role] if r["error"] is not None]
         results["systems"][system.role] = {
             "connection": system.name, "endpoint": system.endpoint, "succeeded": len(lines), "failed": len(failed),
-            "failures": [{"index": r["index"], "error": r["error"]} for r in failed],
-            "metrics": {m: summarize([line[m] for line in lines.values()]) for m in metric_names},
+            "server": servers.get(system.role, {}), "failures": [{"index": r["index"], "error": r["error"]} for r in failed],
+            "metrics": _metric_summaries(lines, answers[system.role], references, metric_names),
         }
+    method, floor_by_index = floor
+    floor_lines = {r["index"]: line_metrics(floor_by_index[r["index"]], r["reference"], r["question"]) for r in first}
+    results[FLOOR] = {"method": method, "metrics": _metric_summaries(floor_lines, floor_by_index, references, list(METRICS))}
+    results["lines_detail"] = [
+        {"index": r["index"], "question": r["question"], "reference": r["reference"],
+         **{role: {"answer": answers[role][r["index"]], **{m: scores[role][r["index"]][m] for m in ("exact_match", "contains_fact")}}
+            for role in scores if r["index"] in scores[role]},
+         FLOOR: {"answer": floor_by_index[r["index"]], **{m: floor_lines[r["index"]][m] for m in ("exact_match", "contains_fact")}}}
+        for r in first]
     if len(systems) == 2:
         candidate, baseline = scores["candidate"], scores["baseline"]
         both = sorted(candidate.keys() & baseline.keys())
-        results["comparison"] = {
+        comparison = {
             m: {"compared": "length_ratio distance from 1" if m == "length_ratio" else m,
                 **paired_comparison([_comparable(m, candidate[i][m]) for i in both], [_comparable(m, baseline[i][m]) for i in both],
                                     higher_is_better=METRICS.get(m, m in JUDGED))}
             for m in metric_names
         }
+        comparison["corpus_bleu"] = {"compared": "corpus_bleu", **paired_comparison(
+            *(bleu_statistics([answers[role][i] for i in both], [references[i] for i in both]) for role in ("candidate", "baseline")),
+            higher_is_better=CORPUS_METRICS["corpus_bleu"], statistic=corpus_bleu_statistic)}
+        adjusted = holm({m: v["p_value"] for m, v in comparison.items()})
+        for m, verdict in comparison.items():  # significance after Holm's adjustment across every metric compared
+            verdict.update(p_holm=adjusted[m], significant=bool(adjusted[m] < SIGNIFICANCE and verdict["winner"] not in ("tie", "none")))
+        results["comparison"] = comparison
         by_index = {role: {r["index"]: r for r in records[role]} for role in ("candidate", "baseline")}
-        largest = sorted(both, key=lambda i: abs(candidate[i]["rouge_l"] - baseline[i]["rouge_l"]), reverse=True)[:DIFFERING_LINES]
+        largest = sorted(both, key=lambda i: (abs(candidate[i]["contains_fact"] - baseline[i]["contains_fact"]),
+                                              abs(candidate[i]["rouge_l"] - baseline[i]["rouge_l"])), reverse=True)[:DIFFERING_LINES]
         results["largest_differences"] = [
             {"index": i, "question": by_index["candidate"][i]["question"], "reference": by_index["candidate"][i]["reference"],
              "candidate": by_index["candidate"][i]["prediction"], "baseline": by_index["baseline"][i]["prediction"],
+             "contains_fact_difference": candidate[i]["contains_fact"] - baseline[i]["contains_fact"],
              "rouge_l_difference": candidate[i]["rouge_l"] - baseline[i]["rouge_l"]}
             for i in largest
         ]
@@ -186,26 +268,28 @@ def build_results(systems: list[System], records: dict[str, list[dict]], data: P
 
 
 def plot(results: dict, path: Path) -> None:
-    """One panel per metric: each system's mean with its bootstrap 95% CI; the plotted numbers are kept in the PNG's metadata."""
+    """One panel per metric: each system's mean (and the floor's) with its bootstrap 95% CI; the plotted numbers
+    are kept in the PNG's metadata."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    roles = list(results["systems"])
-    metric_names = list(results["systems"][roles[0]]["metrics"])
+    columns = {role: system["metrics"] for role, system in results["systems"].items()} | {FLOOR: results[FLOOR]["metrics"]}
+    metric_names = list(results["systems"][next(iter(results["systems"]))]["metrics"])
     figure, axes = plt.subplots(1, len(metric_names), figsize=(3.2 * len(metric_names), 3.6))
+    colours = {"candidate": "tab:blue", "baseline": "tab:gray", FLOOR: "tab:orange"}
     plotted: dict[str, dict[str, float]] = {}
     for axis, metric in zip(axes, metric_names):
-        stats = [results["systems"][role]["metrics"][metric] for role in roles]
-        means = [s["mean"] for s in stats]
-        errors = [[max(s["mean"] - s["ci_low"], 0) for s in stats], [max(s["ci_high"] - s["mean"], 0) for s in stats]]
-        axis.bar(roles, means, yerr=errors, capsize=6, color=["tab:blue", "tab:gray"][: len(roles)])
+        shown = {name: stats[metric] for name, stats in columns.items() if metric in stats}
+        means = [s["mean"] for s in shown.values()]
+        errors = [[max(s["mean"] - s["ci_low"], 0) for s in shown.values()], [max(s["ci_high"] - s["mean"], 0) for s in shown.values()]]
+        axis.bar(list(shown), means, yerr=errors, capsize=6, color=[colours[name] for name in shown])
         verdict = results.get("comparison", {}).get(metric)
-        suffix = f"\n{verdict['winner']} (p={verdict['p_value']:.3f})" if verdict else ""
+        suffix = f"\n{verdict['winner']} (Holm p {format_p(verdict['p_holm'], verdict['resamples'])})" if verdict else ""
         axis.set_title(f"{metric}{suffix}", fontsize=10)
-        plotted[metric] = dict(zip(roles, means))
-    figure.suptitle("Mean per line with bootstrap 95% CI")
+        plotted[metric] = dict(zip(shown, means))
+    figure.suptitle("Mean per line (corpus_bleu: over all lines) with bootstrap 95% CI; floor = no model")
     figure.tight_layout()
     figure.savefig(path, dpi=100, metadata={"Description": json.dumps(plotted)})
     plt.close(figure)
@@ -215,30 +299,75 @@ def _number(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _holm_p(verdict: dict) -> str:
+    """A Holm-adjusted p built from a p at the floor is an upper bound too."""
+    if at_floor(verdict["p_value"], verdict["resamples"]) and not math.isnan(verdict["p_holm"]):
+        return f"<= {verdict['p_holm']:.4f}"
+    return format_p(verdict["p_holm"], verdict["resamples"])
+
+
+def _server(said: dict) -> str:
+    """What the server said about batching, in words."""
+    invariant = said.get("batch_invariant")
+    if invariant is None:
+        words = "the server does not say whether greedy answers are reproducible under batching"
+    elif invariant:
+        words = "the server guarantees greedy answers do not depend on batch composition"
+    else:
+        words = ("the server does NOT guarantee greedy answers independent of batch composition (answers may change with "
+                 "--concurrency or other traffic; serve with PHI3FLOW_DTYPE=float32 on a CPU for reproducible runs)")
+    if said.get("largest_batch") is not None:
+        words += f"; largest batch {said['largest_batch']}, {said['answers_batched']} answers decoded beside others"
+    return words
+
+
+def _tick(line: dict, name: str) -> str:
+    cell = line.get(name)
+    return "failed" if cell is None else f"{'✓' if cell['contains_fact'] else '✗'}{'✓' if cell['exact_match'] else '✗'}"
+
+
 def render_report(results: dict) -> str:
-    """Markdown: per-system means with CIs and failures, the paired verdict per metric, the lines that differ most."""
+    """Markdown: settings, means with CIs beside the no-model floor, the paired verdict per metric (raw and Holm p),
+    the lines that differ most and every line's correctness."""
     roles = list(results["systems"])
-    out = [f"# Endpoint evaluation: {results['data']} ({results['lines']} lines)", ""]
+    decoding = results["decoding"]
+    out = [f"# Endpoint evaluation: {results['data']} ({results['lines']} lines)", "",
+           f"Decoding: {', '.join(f'{k} {v}' for k, v in decoding.items())}.", ""]
     for role, system in results["systems"].items():
         out.append(f"- **{role}**: connection `{system['connection']}`, {system['succeeded']} answered, "
-                   f"{system['failed']} failed (excluded from the means)")
-    out += ["", "## Means (bootstrap 95% CI)", "", "| metric | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
-    for metric in results["systems"][roles[0]]["metrics"]:
-        cells = [results["systems"][r]["metrics"][metric] for r in roles]
-        out.append(f"| {metric} | " + " | ".join(f"{_number(c['mean'])} [{_number(c['ci_low'])}, {_number(c['ci_high'])}]" for c in cells) + " |")
+                   f"{system['failed']} failed (excluded from the means); {_server(system['server'])}")
+    out.append(f"- **{FLOOR}**: {results[FLOOR]['method']}")
+    columns = {role: results["systems"][role]["metrics"] for role in roles} | {FLOOR: results[FLOOR]["metrics"]}
+    out += ["", "## Means (bootstrap 95% CI)", "",
+            "exact_match and contains_fact are correctness (share of lines); the others measure overlap with the reference, "
+            "which a right-shaped wrong answer also earns: compare them with the floor.", "",
+            "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric in columns[roles[0]]:
+        cells = [stats.get(metric) for stats in columns.values()]
+        out.append(f"| {metric} | " + " | ".join("—" if c is None else f"{_number(c['mean'])} [{_number(c['ci_low'])}, {_number(c['ci_high'])}]"
+                                                  for c in cells) + " |")
     if "comparison" in results:
+        resamples = next(iter(results["comparison"].values()))["resamples"]
         out += ["", "## Paired comparison (candidate - baseline, same lines)", "",
-                "| compared | mean difference | 95% CI | p (sign-flip) | better | significant |", "|---|---|---|---|---|---|"]
+                f"p: sign-flip permutation test with {resamples} resamples (\"< 1/{resamples + 1}\": no resample reached the "
+                "observed difference); Holm: adjusted across every metric below; significant: Holm p < 0.05.", "",
+                "| compared | mean difference | 95% CI | p | p (Holm) | better | significant |", "|---|---|---|---|---|---|---|"]
         for verdict in results["comparison"].values():
             out.append(f"| {verdict['compared']} | {_number(verdict['mean_difference'])} | [{_number(verdict['ci_low'])}, "
-                       f"{_number(verdict['ci_high'])}] | {_number(verdict['p_value'])} | {verdict['winner']} | "
-                       f"{'yes' if verdict['significant'] else 'no'} |")
+                       f"{_number(verdict['ci_high'])}] | {format_p(verdict['p_value'], verdict['resamples'])} | {_holm_p(verdict)} | "
+                       f"{verdict['winner']} | {'yes' if verdict['significant'] else 'no'} |")
         out += ["", "Lower is better for latency_s and for the length ratio's distance from 1; higher for the others.", "",
-                "## Lines where the two differ most (ROUGE-L)", ""]
+                "## Lines where the two differ most (correctness, then ROUGE-L)", ""]
         for line in results["largest_differences"]:
-            out += [f"### Line {line['index'] + 1} (ROUGE-L difference {line['rouge_l_difference']:+.3f})", "",
+            out += [f"### Line {line['index'] + 1} (contains_fact {line['contains_fact_difference']:+.0f}, "
+                    f"ROUGE-L {line['rouge_l_difference']:+.3f})", "",
                     f"- question: {line['question']}", f"- reference: {line['reference']}",
                     f"- candidate: {line['candidate']}", f"- baseline: {line['baseline']}", ""]
+    out += ["", "## Every line: contains the fact / exact match (✓ or ✗)", "",
+            "| line | question | reference | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for line in results["lines_detail"]:
+        question, reference = (line[k].replace("|", "\\|").replace("\n", " ") for k in ("question", "reference"))
+        out.append(f"| {line['index'] + 1} | {question[:80]} | {reference[:80]} | " + " | ".join(_tick(line, name) for name in columns) + " |")
     failures = [(role, f) for role, system in results["systems"].items() for f in system["failures"]]
     if failures:
         out += ["", "## Failed lines (re-run them with --resume)", ""] + [f"- {role} line {f['index'] + 1}: {f['error']}" for role, f in failures]
@@ -254,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--via", choices=["client", "agent"], default="client",
                         help="call endpoints directly (as the Prompt Flow tool does) or through the Agent Framework chat client")
     parser.add_argument("--data", type=Path, default=Path("data/test_data.jsonl"), help="JSONL with a 'messages' column (default %(default)s)")
+    parser.add_argument("--train", type=Path, metavar="FILE",
+                        help="training JSONL for the no-model floor (default: train_data.jsonl beside --data, when there)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md, metrics.json, comparison.png, predictions")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per endpoint (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default %(default)s)")
@@ -266,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency, --max-new-tokens and --limit must be positive")
     if args.baseline == args.candidate:
         parser.error("--baseline must name a different connection than --candidate")
+    if args.train is not None and not args.train.is_file():
+        parser.error(f"--train {args.train}: no such file")
     from phi3flow.offline import use_offline_defaults
 
     use_offline_defaults()
@@ -281,9 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("AI-judged metrics (coherence, fluency, relevance) skipped: no Azure OpenAI connection given (--judge CONN)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
+    servers = {s.role: ServerHeaders(s) for s in systems}
     records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
                                resume=args.resume, via=args.via, judge=judge) for s in systems}
-    results = build_results(systems, records, args.data, judged=judge is not None)
+    train = args.train or (args.data.parent / "train_data.jsonl")
+    decoding = {**GREEDY, "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "via": args.via}
+    results = build_results(systems, records, args.data, judged=judge is not None, decoding=decoding,
+                            floor=floor_answers(examples, train if train.is_file() else None),
+                            servers={role: watch.detach() for role, watch in servers.items()})
     (args.out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     plot(results, args.out / "comparison.png")
     (args.out / "report.md").write_text(render_report(results), encoding="utf-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from phi3flow import cli
+from phi3flow.evaluation.metrics import first_turn, reference_fact
 from phi3flow.finetune import data
 
 
@@ -45,12 +47,46 @@ def test_sample_size_out_of_range(size: int) -> None:
         data.sample_rows(size)
 
 
+def numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+", text))
+
+
+@pytest.mark.parametrize("seed", [42, 7])
+def test_sample_test_split_holds_out_facts(seed: int) -> None:
+    """Split by fact: no test answer, fact (capital, antonym, month, number) or country occurs anywhere in train."""
+    train, test = data.sample_split(seed=seed)
+    train_text = " ".join(m["content"] for row in train for m in row["messages"])
+    train_answers = {m["content"] for row in train for m in row["messages"] if m["role"] == "assistant"}
+    train_numbers = numbers(train_text)
+    for row in test:
+        question, answer = first_turn(row["messages"], "user"), first_turn(row["messages"], "assistant")
+        fact = " ".join(reference_fact(question, answer))
+        assert answer not in train_answers
+        assert re.search(rf"\b{re.escape(fact)}\b", train_text.lower()) is None, (fact, question)
+        assert not numbers(question + answer) & train_numbers, question
+        assert not any(country in question for country in data.CAPITALS if country in train_text)
+    families = {"capital": 0, "opposite": 0, "month": 0, "plus": 0, "minus": 0}
+    for row in test:
+        families[next(f for f in families if f in row["prompt"])] += 1
+    assert all(families.values()), families  # every family is asked about in the test split
+
+
+def test_every_sample_answer_is_checkable() -> None:
+    """The only words an answer adds to its question are the fact it states (what `contains_fact` looks for)."""
+    facts = {*data.CAPITALS.values(), *data.OPPOSITES, *data.OPPOSITES.values(), *data.DAYS, *data.MONTHS}
+    for row in data.sample_rows():
+        fact = reference_fact(first_turn(row["messages"], "user"), first_turn(row["messages"], "assistant"))
+        assert fact, row["prompt"]
+        assert " ".join(fact) in {f.lower() for f in facts} or (len(fact) == 1 and fact[0].isdigit()), (row["prompt"], fact)
+
+
 def test_cli_sample_writes_reproducible_split(tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     assert cli.main(["data", "--sample", "--out-dir", str(first)]) == 0
     assert data.main(["--sample", "--out-dir", str(second)]) == 0
     train, test = read_lines(first / data.TRAIN_FILE), read_lines(first / data.TEST_FILE)
     assert (len(train), len(test)) == (320, 80)
+    assert (train, test) == data.sample_split(400, 0.2, 42)
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
     for name in (data.TRAIN_FILE, data.TEST_FILE):
         assert (first / name).read_bytes() == (second / name).read_bytes()

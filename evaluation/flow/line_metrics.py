@@ -9,5 +9,6 @@ from phi3flow.evaluation.metrics import first_turn, line_metrics as score
 
 @tool
 def line_metrics(answer: str, messages: list) -> dict:
-    """ROUGE-L, BLEU, token F1 and length ratio of this answer (the reference is taken here so the data file stays as it is)."""
-    return score(answer, first_turn(messages, "assistant"))
+    """Exact match, contains-the-fact, ROUGE-L, sentence BLEU, token F1 and length ratio of this answer (the question
+    and reference are taken from the messages here, so the data file stays as it is)."""
+    return score(answer, first_turn(messages, "assistant"), first_turn(messages, "user"))
