@@ -14,13 +14,13 @@ import argparse
 import json
 import math
 import os
+import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import requests
 
@@ -99,24 +99,76 @@ def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]
 
 
 def _read_predictions(path: Path) -> dict[int, dict]:
-    """Last record per line index (a re-run line appends a newer record)."""
+    """Last record per line index (a re-run line appends a newer record). A line that is not a whole record (the
+    last one, torn by a kill mid-write) is skipped with a note: its question is asked again."""
     records: dict[int, dict] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
                 records[record["index"]] = record
+            except (ValueError, KeyError, TypeError):
+                print(f"{path} line {number} is not a whole record (written when a run was killed?): asking its question again",
+                      file=sys.stderr)
     return records
+
+
+def _write_predictions(path: Path, records: dict[int, dict]) -> None:
+    """Every record, one line each in line order, replacing the file atomically: a kill leaves the old file or the new."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as sink:
+        sink.writelines(json.dumps(records[index], ensure_ascii=False) + "\n" for index in sorted(records))
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(temporary, path)
+
+
+def _answer_all(answer: Callable[[Example], dict], todo: list[Example], concurrency: int) -> Iterator[dict]:
+    """answer(example) for each example, `concurrency` at a time, yielded as each finishes.
+
+    The workers are daemon threads that take no new example once the caller stops (Ctrl+C): nothing more is sent,
+    and the process can exit at once instead of waiting for the requests still in flight."""
+    waiting, finished = queue.SimpleQueue(), queue.SimpleQueue()
+    for example in todo:
+        waiting.put(example)
+    stopped = threading.Event()
+
+    def work() -> None:
+        while not stopped.is_set():
+            try:
+                example = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put(answer(example))
+            except Exception as exc:  # re-raised by the caller, as a future's result() would
+                finished.put(exc)
+
+    for _ in range(min(concurrency, len(todo))):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        for _ in todo:
+            result = finished.get()
+            if isinstance(result, Exception):
+                raise result
+            yield result
+    finally:
+        stopped.set()
 
 
 def predict(system: System, examples: list[Example], out: Path, *, concurrency: int, max_new_tokens: int, resume: bool,
             via: str = "client", judge: Judge | None = None) -> list[dict]:
     """Answer every example (only the missing or failed ones with `resume`); return one record per example, in order.
 
+    With `resume`, every stored record is kept, also those of lines outside this run (a smaller --limit).
     With a judge, each answer is also rated; a line the judge cannot rate counts as failed (resume re-runs it)."""
     path = out / f"{system.name}.predictions.jsonl"
-    done = {index: record for index, record in _read_predictions(path).items()
-            if record.get("error") is None and (judge is None or "judged" in record)} if resume else {}
+    stored = _read_predictions(path) if resume else {}
+    if resume:
+        _write_predictions(path, stored)  # without torn lines, so that appending starts on a line of its own
+    done = {index: record for index, record in stored.items() if record.get("error") is None and (judge is None or "judged" in record)}
     todo = [ex for ex in examples if ex.index not in done or done[ex.index]["question"] != ex.question]
     ask = asker(system, via, max_new_tokens)
 
@@ -138,17 +190,15 @@ def predict(system: System, examples: list[Example], out: Path, *, concurrency: 
 
     from tqdm import tqdm
 
-    with open(path, "a" if resume else "w", encoding="utf-8") as sink, ThreadPoolExecutor(max_workers=concurrency) as pool, \
+    with open(path, "a" if resume else "w", encoding="utf-8") as sink, \
             tqdm(total=len(todo), desc=f"{system.role} ({system.name})", unit="line", file=sys.stderr) as bar:
-        for future in as_completed([pool.submit(answer, ex) for ex in todo]):
-            record = future.result()
-            done[record["index"]] = record
+        for record in _answer_all(answer, todo, concurrency):
+            stored[record["index"]] = record
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")  # as they come: an interrupted run keeps them
             sink.flush()
             bar.update()
-    records = [done[ex.index] for ex in examples]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")  # compact: one line each
-    return records
+    _write_predictions(path, stored)  # compact: one line per index
+    return [stored[ex.index] for ex in examples]
 
 
 def score(records: list[dict]) -> dict[int, dict[str, float]]:
@@ -415,8 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         print("AI-judged metrics (coherence, fluency, relevance) skipped: no Azure OpenAI connection given (--judge CONN)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     servers = {s.role: ServerHeaders(s) for s in systems}
-    records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
-                               resume=args.resume, via=args.via, judge=judge) for s in systems}
+    try:
+        records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
+                                   resume=args.resume, via=args.via, judge=judge) for s in systems}
+    except KeyboardInterrupt:  # the answers received so far are on disk; requests still in flight are dropped
+        print(f"\nInterrupted: the answers received so far are kept in {args.out}; finish with the same command plus --resume",
+              file=sys.stderr)
+        return 130
     train = args.train or (args.data.parent / "train_data.jsonl")
     decoding = {**GREEDY, "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "via": args.via}
     results = build_results(systems, records, args.data, judged=judge is not None, decoding=decoding,
