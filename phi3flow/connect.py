@@ -1,7 +1,8 @@
 """`phi3flow connect`: create (or update) the Prompt Flow CustomConnection the chat flow uses.
 
 Same result as `pf connection create -f connections/phi3_endpoint.yaml --set ...`, through the SDK.
-The key can come from --key, the PHI3FLOW_ENDPOINT_KEY environment variable, or a hidden prompt.
+The key comes from the PHI3FLOW_ENDPOINT_KEY environment variable, a file (--key-file), or a hidden prompt,
+never from the command line, where every user of the machine can read it (`ps`) and the shell history keeps it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,57 @@ import argparse
 import getpass
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
 DEFAULT_NAME = "phi3_endpoint"
+KEY_ON_COMMAND_LINE = ("warning: --key puts the key where every user of this machine can read it (`ps`, /proc) and in "
+                       f"your shell history; use ${KEY_ENV} or --key-file instead")
+
+
+def add_key_options(parser: argparse.ArgumentParser, otherwise: str) -> None:
+    """--key-file, and --key kept for old scripts with a warning; the same in every command that takes a key."""
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--key-file", metavar="FILE",
+                      help=f"read the endpoint key from FILE ('-': standard input, asked for without echo on a terminal); "
+                           f"without it the key comes from ${KEY_ENV}, else {otherwise}")
+    keys.add_argument("--key", help="the key itself: discouraged, anyone on this machine can read it in `ps`")
+
+
+def key_from(args: argparse.Namespace, parser: argparse.ArgumentParser, ask: bool) -> str | None:
+    """The key from --key-file, --key (with a warning) or $PHI3FLOW_ENDPOINT_KEY; else, when `ask`, a hidden prompt
+    on a terminal; else None. A key with surrounding whitespace is refused: clients send it trimmed, so a server
+    holding it would refuse every request, and a connection holding it is a copy-paste slip."""
+    if args.key_file is not None:
+        source, key = f"--key-file {args.key_file}", _read_key_file(args.key_file, parser)
+    elif args.key is not None:
+        print(KEY_ON_COMMAND_LINE, file=sys.stderr)
+        source, key = "--key", args.key
+    elif os.environ.get(KEY_ENV) is not None:
+        source, key = f"${KEY_ENV}", os.environ[KEY_ENV]
+    elif ask and sys.stdin.isatty():
+        source, key = "the prompt", getpass.getpass("Endpoint key: ")
+    else:
+        return None
+    if not key.strip():
+        parser.error(f"the key from {source} is empty")
+    if key != key.strip():
+        parser.error(f"the key from {source} starts or ends with whitespace (a space, tab or line break): remove it; "
+                     "clients send the key trimmed, so it would never match")
+    return key
+
+
+def _read_key_file(name: str, parser: argparse.ArgumentParser) -> str:
+    """The key in a file or on standard input ('-'), less the line break that ends it."""
+    if name == "-":
+        text = getpass.getpass("Endpoint key: ") if sys.stdin.isatty() else sys.stdin.readline()
+    else:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"cannot read --key-file {name}: {exc.strerror if isinstance(exc, OSError) else 'not UTF-8 text'}")
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def endpoint_and_key(connection: Any, name: str = "the connection") -> tuple[str, str]:
@@ -52,14 +100,12 @@ def create_connection(endpoint: str, key: str, name: str = DEFAULT_NAME) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow connect", description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", required=True, help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score")
-    parser.add_argument("--key", help=f"endpoint key (default: ${KEY_ENV}, else asked for without echo)")
+    add_key_options(parser, "asked for without echo on a terminal")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"connection name (default {DEFAULT_NAME}, what flows/chat uses)")
     args = parser.parse_args(argv)
-    key = args.key or os.environ.get(KEY_ENV)
-    if not key and sys.stdin.isatty():
-        key = getpass.getpass("Endpoint key: ")
-    if not key:
-        parser.error(f"no key: pass --key, set {KEY_ENV}, or run interactively to be asked")
+    key = key_from(args, parser, ask=True)
+    if key is None:
+        parser.error(f"no key: set {KEY_ENV}, pass --key-file FILE (or --key-file - to pipe it in), or run on a terminal to be asked")
     from phi3flow.client import EndpointError
     from phi3flow.offline import use_offline_defaults
 

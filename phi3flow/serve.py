@@ -1,12 +1,16 @@
 """`phi3flow serve`: run the AzureML scoring script locally under azmlinfsrv, with key auth, on loopback.
 
 The same score.py and the same inference server as a managed online deployment, so what works here
-works in Azure. The key travels to the server in its environment, never on a command line.
+works in Azure. The key comes from $PHI3FLOW_ENDPOINT_KEY or a file (--key-file), or is generated, and travels
+to the server in its environment, never on a command line. The server stops with this command, however it ends
+(Ctrl+C, SIGTERM, SIGHUP, even SIGKILL on Linux).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import importlib.util
 import os
 import secrets
@@ -19,9 +23,11 @@ from pathlib import Path
 
 import requests
 
-from phi3flow.gunicorn_loopback import HOST_ENV
+from phi3flow.connect import KEY_ENV, add_key_options, key_from
+from phi3flow.gunicorn_config import HOST_ENV
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _score_script() -> Path:
@@ -33,6 +39,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+class PortInUse(RuntimeError):
+    """Another server already listens on the port: starting would leave the health check answered by it."""
+
+
+def check_port_free(port: int) -> None:
+    """Raise PortInUse when something listens on HOST:port (or on all addresses at that port)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: a closed server's TIME_WAIT is no conflict
+        try:
+            probe.bind((HOST, port))
+        except OSError as exc:
+            reason = "is already in use (another phi3flow serve, or another server)" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise PortInUse(f"port {port} on {HOST} {reason}: stop that server or choose another --port") from None
+
+
+def exec_tied_to_parent(parent: int, command: list[str]) -> None:
+    """Become `command`, having asked Linux to SIGTERM this process when `parent` dies, however it dies.
+
+    Runs in the freshly started child (no threads there, unlike preexec_fn in the parent). Linux sends the
+    signal when the parent's thread that started the child ends: start servers from a thread that outlives them."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        sys.exit(1)
+    os.execv(command[0], command)
+
+
+def _tied_to_this_process(command: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command  # elsewhere the server stops with us on Ctrl+C, SIGTERM and SIGHUP only
+    launcher = "import sys; from phi3flow.serve import exec_tied_to_parent; exec_tied_to_parent(int(sys.argv[1]), sys.argv[2:])"
+    return [sys.executable, "-c", launcher, str(os.getpid()), *command]
 
 
 def resolve_model_dir(model_dir: str | None) -> Path:
@@ -69,22 +108,23 @@ class LocalEndpoint:
         env = dict(os.environ)
         env.update(
             AZUREML_MODEL_DIR=str(self.model_dir),
-            PHI3FLOW_ENDPOINT_KEY=self.key,
-            GUNICORN_CMD_ARGS=f"-c python:phi3flow.gunicorn_loopback --threads {self.threads} {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
+            GUNICORN_CMD_ARGS=f"-c python:phi3flow.gunicorn_config --threads {self.threads} {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
             WORKER_COUNT=str(self.workers),
             AML_APP_ROOT=str(_score_script().parent),
         )
-        env[HOST_ENV] = HOST
+        env[HOST_ENV], env[KEY_ENV] = HOST, self.key
         env.update(self.extra_env)
         return env
 
     def start(self) -> "LocalEndpoint":
+        """Start the server (PortInUse when its port is taken); it dies with this process."""
+        check_port_free(self.port)
         server = Path(sys.executable).with_name("azmlinfsrv")
         command = [str(server), "--entry_script", str(_score_script()), "--port", str(self.port)]
         output = open(self.log_file, "ab") if self.log_file else None
         # server logs go to the log file, else to stderr, keeping stdout for the URL and key lines
-        self.process = subprocess.Popen(command, env=self.environment(), stdout=output or sys.stderr, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(_tied_to_this_process(command), env=self.environment(), stdout=output or sys.stderr,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> "LocalEndpoint":
@@ -128,26 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="model folder (Hugging Face, MLflow or LoRA adapter); default: the embedded model")
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")
-    parser.add_argument("--key", help="the endpoint key clients must send as 'Authorization: Bearer <key>'; generated when omitted")
+    add_key_options(parser, "a new one is generated and printed once (clients send it as 'Authorization: Bearer <key>')")
     parser.add_argument("--workers", type=int, default=1, help="inference server worker processes (each loads the model)")
     parser.add_argument("--threads", type=int, default=32, help="concurrent requests per worker, batched together (default 32)")
     args = parser.parse_args(argv)
-    if args.key is not None and not args.key.strip():
-        parser.error("--key must not be empty")
-    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=args.key, workers=args.workers, threads=args.threads)
-    if args.key is None:
-        print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too, not only Ctrl+C
-    endpoint.start()
+    key = key_from(args, parser, ask=False)
+    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=key, workers=args.workers, threads=args.threads)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # stop the server on these too, not only Ctrl+C
+        signal.signal(signum, lambda *_: sys.exit(0))
     try:
-        try:
-            endpoint.wait_ready()
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"phi3flow serve: {exc} (see the server output above)", file=sys.stderr)
-            return 1
-        print(f"Scoring URL: {endpoint.url}\nConnect Prompt Flow to it: phi3flow connect --endpoint {endpoint.url} --key <key>\n"
-              "Press Ctrl+C to stop.", flush=True)
+        endpoint.start()
+        if key is None:
+            print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
+        endpoint.wait_ready()
+        print(f"Scoring URL: {endpoint.url}\nConnect Prompt Flow to it: phi3flow connect --endpoint {endpoint.url} "
+              f"(the key from ${KEY_ENV}, --key-file FILE, or typed when asked)\nPress Ctrl+C to stop.", flush=True)
         return endpoint.process.wait()
+    except PortInUse as exc:
+        print(f"phi3flow serve: {exc}", file=sys.stderr)
+        return 1
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"phi3flow serve: {exc} (see the server output above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:

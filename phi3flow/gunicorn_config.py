@@ -1,0 +1,47 @@
+"""Gunicorn settings and hooks for the azmlinfsrv that `phi3flow serve` runs (loaded through
+`GUNICORN_CMD_ARGS="-c python:phi3flow.gunicorn_config"`; command-line flags, such as azmlinfsrv's own, win).
+
+- Loopback only: azmlinfsrv hard-codes `-b 0.0.0.0:PORT`, which outranks every config source; `on_starting` runs
+  before the listening sockets are created, so it can still rebind them.
+- Idle and slow clients cannot hold worker threads: a worker that reads request heads without threads
+  (phi3flow.gunicorn_worker).
+- Keys sent in a query string never reach the log: neither gunicorn's access log nor azmlinfsrv's request lines
+  keep the query string (nor the Referer, which can carry one, nor a Basic-auth user).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+HOST_ENV = "PHI3FLOW_BIND_HOST"
+
+worker_class = "phi3flow.gunicorn_worker.HeadFirstWorker"
+# gunicorn's default is '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'; %(r)s holds the query string.
+# The request line stays `"METHOD /path HTTP/1.1"`: azmlinfsrv's filter drops health checks by it.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(L)ss'
+
+
+def on_starting(server) -> None:
+    host = os.environ.get(HOST_ENV, "127.0.0.1")
+    ports = [address.rsplit(":", 1)[1] for address in server.cfg.bind]
+    server.cfg.set("bind", [f"{host}:{port}" for port in ports])
+
+
+class NoQueryStrings(logging.Filter):
+    """Cuts the query string out of azmlinfsrv's request lines (`POST /score?key=... 200 12.3ms 45`)."""
+
+    request_line = re.compile(r"^([A-Z]+ /[^\s?]*)\?\S*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.request_line.sub(r"\1", message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def post_worker_init(worker) -> None:
+    """After the app (and azmlinfsrv's logging config) is loaded in this worker."""
+    logging.getLogger("azmlinfsrv").addFilter(NoQueryStrings())
