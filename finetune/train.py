@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,7 +34,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from phi3flow.embedded import embedded_model_dir
 from phi3flow.finetune.chat import (
@@ -271,11 +273,41 @@ def merge_adapter(adapter_dir: Path, base: str, bf16: bool, end_of_turn: int) ->
     return target
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a run killed while saving it), or None when it is whole.
+
+    The Trainer writes trainer_state.json last; a cut-off file fails to parse (JSON), to match the size its
+    header announces (safetensors), or to end with a zip directory (torch.save's .pt/.pth/.bin files)."""
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                safe_open(path, "pt").keys()
+            elif path.suffix in {".pt", ".pth", ".bin"} and not zipfile.is_zipfile(path):
+                return f"{path.name} is cut off"
+        except (OSError, ValueError, SafetensorError):
+            return f"{path.name} is cut off"
+    return None
+
+
+def newest_intact_checkpoint(folder: str) -> str | None:
+    """The newest checkpoint that can be resumed from; newer half-written ones are skipped with a warning."""
+    for checkpoint in reversed(sort_checkpoints(folder)):
+        problem = checkpoint_problem(Path(checkpoint))
+        if problem is None:
+            return checkpoint
+        log.warning("--resume: skipping %s, written only in part (%s)", checkpoint, problem)
+    return None
+
+
 def train(prepared: Prepared, resume: bool = False) -> dict[str, float]:
-    """Run the Trainer, from the latest checkpoint when resuming; returns its train metrics."""
+    """Run the Trainer, from the newest intact checkpoint when resuming; returns its train metrics."""
     trainer = prepared.trainer
     folder = trainer.args.output_dir
-    checkpoint = get_last_checkpoint(folder) if Path(folder).is_dir() else None
+    checkpoint = (newest_intact_checkpoint if resume else get_last_checkpoint)(folder) if Path(folder).is_dir() else None
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", folder)
     elif checkpoint and not resume:

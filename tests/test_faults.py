@@ -10,8 +10,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from test_finetune import sample_files, tiny_phi3_dir, tokenizer  # noqa: F401 (fixtures)
+from transformers import TrainerCallback
 
 from conftest import SECRET, Reply, ScriptedEndpoint
 from phi3flow.client import EndpointClient, EndpointError
@@ -147,3 +150,27 @@ def test_ctrl_c_stops_at_once_sends_nothing_more_and_keeps_the_answers(tmp_path)
     assert len(asked) == 6  # nothing sent after Ctrl+C
     kept = _stored(out)
     assert len(kept) == 4 and {r["question"] for r in kept} < set(asked) and all(r["prediction"] == "a" for r in kept)
+
+
+# --- finetune --resume after a kill while saving a checkpoint ---------------------------------------------
+
+@pytest.mark.model
+@pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_finetune_resume_falls_back_to_the_newest_intact_checkpoint(cut, tmp_path, sample_files, tiny_phi3_dir):
+    from test_finetune import PHI3_TARGETS, small_config
+
+    from phi3flow.finetune import train
+
+    cfg = small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS, max_steps=3, save_steps=1)
+    train.train(train.prepare(cfg))
+    checkpoints = Path(cfg.output_dir) / train.CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    half = checkpoints / "checkpoint-3" / cut  # killed while writing this file
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+
+    resumed = train.prepare(small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS,
+                                         max_steps=4, save_steps=1))
+    steps = []
+    resumed.trainer.add_callback(type("Steps", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: steps.append(state.global_step)})())
+    train.train(resumed, resume=True)
+    assert steps == [3, 4]  # from checkpoint-2, the newest whole one
