@@ -336,7 +336,7 @@ def plot(results: dict, path: Path) -> None:
         errors = [[max(s["mean"] - s["ci_low"], 0) for s in shown.values()], [max(s["ci_high"] - s["mean"], 0) for s in shown.values()]]
         axis.bar(list(shown), means, yerr=errors, capsize=6, color=[colours[name] for name in shown])
         verdict = results.get("comparison", {}).get(metric)
-        suffix = f"\n{verdict['winner']} (Holm p {format_p(verdict['p_holm'], verdict['resamples'])})" if verdict else ""
+        suffix = f"\n{verdict['winner']} (Holm p {_holm_p(verdict)})" if verdict else ""
         axis.set_title(f"{metric}{suffix}", fontsize=10)
         plotted[metric] = dict(zip(shown, means))
     figure.suptitle("Mean per line (corpus_bleu: over all lines) with bootstrap 95% CI; floor = no model")

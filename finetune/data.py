@@ -2,11 +2,11 @@
 
 Three sources, one output format, so training and evaluation never care where rows came from:
 - the tutorial's dataset, `HuggingFaceH4/ultrachat_200k` (needs the Hugging Face Hub);
-- `--sample`: an offline sample generated here (licence: CC0-1.0, written by this project), built from
-  templated questions with one consistent, short answer style, so that a few hundred CPU steps on the
-  embedded model visibly change its answers on the held-out split;
+- `--sample`: an offline sample generated here (licence: CC0-1.0, written by this project): short templated
+  questions whose answers state one checkable fact, split by fact so the test split asks only about facts
+  training never shows (it measures whether a skill transfers, not recall of the training answers);
 - `--from-jsonl FILE`: the user's own conversations, validated row by row.
-The train/test split is a seeded shuffle, so the same inputs always give the same files.
+Splits are seeded (a row shuffle; the sample's held-out facts), so the same inputs always give the same files.
 """
 
 from __future__ import annotations
