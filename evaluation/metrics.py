@@ -124,6 +124,8 @@ def _bleu():
 
 def bleu_statistics(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """One row of BLEU counts per line (lengths, n-gram matches and totals); summed rows give corpus BLEU."""
+    if not predictions:  # every line failed: no rows, and the statistics say n/a
+        return np.zeros((0, 2 + 2 * _bleu().max_ngram_order))
     return np.asarray(_bleu()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float).reshape(len(predictions), -1)
 
 

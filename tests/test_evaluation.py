@@ -267,6 +267,23 @@ def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, mon
     assert "coherence" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["systems"]["candidate"]["metrics"]
     assert "| relevance |" in (tmp_path / "judged" / "report.md").read_text()
 
+def test_eval_with_every_line_failed_still_reports(tmp_path: Path, monkeypatch):
+    """No answered line: the means say n/a (corpus BLEU included), the floor is still scored, the exit status is 1."""
+    book = answer_book(ANSWERS.get, fail={r["prompt"] for r in ROWS[:3]})
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", "chat-key")
+    try:
+        assert compare.main(["--candidate", book.url, "--data", str(data), "--out", str(tmp_path / "out")]) == 1
+    finally:
+        book.close()
+    results = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert results["systems"]["candidate"]["failed"] == 3 and results["systems"]["candidate"]["metrics"]["corpus_bleu"]["n"] == 0
+    assert results["floor"]["metrics"]["rouge_l"]["n"] == 3
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| corpus_bleu | n/a [n/a, n/a] |" in report and "| 1 | " + ROWS[0]["prompt"] in report and "failed" in report
+
+
 def test_eval_rejects_a_missing_connection(tmp_path: Path):
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps(ROWS[0]) + "\n")
