@@ -42,6 +42,8 @@ bench: install
 	$(PY) bench/serve.py
 	$(PY) bench/tool_overhead.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/hostile_clients.py
+	$(PY) bench/interrupted_eval.py
 
 flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
