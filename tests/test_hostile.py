@@ -76,21 +76,25 @@ def served(embedded_dir, tmp_path_factory):
         yield endpoint, log
 
 
-class Drip:
-    """`count` connections sending a request head one byte every `interval` s, until closed."""
+BODY_HEAD = f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\nContent-Length: 50000\r\n\r\n".encode()
 
-    def __init__(self, port: int, count: int, interval: float = 2.0):
+
+class Drip:
+    """`count` connections that send `at_once`, then `dripped` one byte every `interval` s, until closed."""
+
+    def __init__(self, port: int, count: int, at_once: bytes, dripped: bytes, interval: float = 2.0):
         self.sockets = [socket.create_connection((HOST, port)) for _ in range(count)]
+        for sock in self.sockets:
+            sock.sendall(at_once)
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._drip, args=(interval,), daemon=True)
+        self.thread = threading.Thread(target=self._drip, args=(dripped, interval), daemon=True)
         self.thread.start()
 
-    def _drip(self, interval: float) -> None:
-        head = b"POST /score HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
-        for position in range(len(head)):
+    def _drip(self, request: bytes, interval: float) -> None:
+        for position in range(len(request)):
             for sock in self.sockets:
                 try:
-                    sock.sendall(head[position:position + 1])
+                    sock.sendall(request[position:position + 1])
                 except OSError:
                     pass
             if self.stopped.wait(interval):
@@ -105,21 +109,23 @@ class Drip:
 
 @pytest.mark.e2e
 @pytest.mark.model
-def test_idle_and_slow_header_connections_leave_the_server_answering(served):
+def test_idle_slow_header_and_slow_body_connections_leave_the_server_answering(served):
     endpoint, _ = served
     idle = [socket.create_connection((HOST, endpoint.port)) for _ in range(200)]
-    slow = Drip(endpoint.port, 40)
+    slow_heads = Drip(endpoint.port, 40, b"", b"POST /score HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000)
+    slow_bodies = Drip(endpoint.port, 40, BODY_HEAD, b" " * 50_000)
     try:
         time.sleep(1.0)
-        # gunicorn's own threaded worker never answers this while the heads keep dripping (every thread waits on one)
+        # gunicorn's own threaded worker never answers this while they keep dripping (every thread waits on one)
         response = requests.post(endpoint.url, json=QUESTION, headers=AUTH, timeout=60)
         assert response.status_code == 200 and "Paris" in response.json()["output"]
         time.sleep(HEAD_TIMEOUT_S + 2)  # then the server gives up on heads that do not arrive
-        for sock in [idle[0], slow.sockets[0]]:
+        for sock in [idle[0], slow_heads.sockets[0]]:
             sock.settimeout(5)
             assert sock.recv(200).startswith(b"HTTP/1.1 408")
     finally:
-        slow.close()
+        slow_heads.close()
+        slow_bodies.close()
         for sock in idle:
             sock.close()
 
