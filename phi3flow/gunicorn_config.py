@@ -18,6 +18,9 @@ import re
 HOST_ENV = "PHI3FLOW_BIND_HOST"
 
 worker_class = "phi3flow.gunicorn_worker.HeadFirstWorker"
+# gunicorn 25+ opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): two local servers
+# would share it, and nothing here uses it.
+control_socket_disable = True
 # gunicorn's default is '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'; %(r)s holds the query string.
 # The request line stays `"METHOD /path HTTP/1.1"`: azmlinfsrv's filter drops health checks by it.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(L)ss'
