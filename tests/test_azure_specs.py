@@ -155,6 +155,42 @@ def test_environment_is_a_cuda_image_with_the_project_extra(env_spec: str, extra
     assert not missing, f"{env_spec} lacks pyproject's [{extra}] packages {missing}"
 
 
+def pinned(lines: list[str]) -> dict[str, str]:
+    """name -> exact version of `name==version` requirement lines (comments and markers ignored)."""
+    pins = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            pins[req.name.lower().replace("_", "-")] = str(req.specifier)
+    return pins
+
+
+@pytest.mark.parametrize("env_spec", ["train-environment.yml", "inference-environment.yml"])
+def test_environment_pins_what_requirements_txt_pins(env_spec: str) -> None:
+    """The cloud image gets exactly the versions the tests ran with, from a fixed base image tag."""
+    env = spec(env_spec)
+    assert re.search(r":\d{8}\.v\d+$", env.image), f"{env.image} must name a fixed tag, not :latest"
+    pip = next(dep["pip"] for dep in env.conda_file["dependencies"] if isinstance(dep, dict))
+    cloud, local = pinned(pip), pinned((REPO / "requirements.txt").read_text().splitlines())
+    assert all(version.startswith("==") for version in cloud.values()), cloud
+    disagree = {name: (version, local.get(name)) for name, version in cloud.items() if local.get(name) != version}
+    assert not disagree, f"{env_spec} and requirements.txt disagree (cloud, local): {disagree}"
+
+
+def test_deployment_capacity_matches_the_gateway() -> None:
+    """AzureML lets 2 x max_concurrent_requests_per_instance requests reach an instance (429 beyond): each gets a
+    server thread and a batch or queue slot; generation stops when the gateway has given up (request_timeout_ms)."""
+    deployment = spec("deployment.yml")
+    variables = deployment.environment_variables
+    reaching = 2 * deployment.request_settings.max_concurrent_requests_per_instance
+    threads = int(re.search(r"--threads (\d+)", variables["GUNICORN_CMD_ARGS"]).group(1))
+    assert variables["WORKER_COUNT"] == "1"  # one model copy per GPU
+    assert threads >= reaching
+    assert int(variables["PHI3FLOW_MAX_BATCH"]) + int(variables["PHI3FLOW_MAX_QUEUE"]) >= reaching
+    assert int(variables["PHI3FLOW_REQUEST_TIMEOUT_S"]) * 1000 == deployment.request_settings.request_timeout_ms
+
+
 def test_training_environment_can_run_qlora() -> None:
     assert "bitsandbytes" in pip_names(spec("train-environment.yml").conda_file)
 

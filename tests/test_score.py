@@ -1,13 +1,20 @@
-"""The scoring script: contract validation (no model), then real generation on the embedded model."""
+"""The scoring script: contract validation (no model), then real generation on the embedded model through
+each engine (the decode loop and transformers' continuous batching run on the CPU too)."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from phi3flow.deploy import score
-from phi3flow.deploy.score import BadRequest, ChatModel, find_model_folder, parse_request
+from phi3serve.contract import DEFAULTS, MAX_BODY_BYTES, BadRequest, GenerationFailed, Parameters, parse_request
+from phi3serve.engine import Job, ask
+from phi3serve.loop import LoopEngine
+from phi3serve.model import DTYPE_ENV, ChatModel, find_model_folder
 
 
 def body(turns=None, **params) -> bytes:
@@ -20,8 +27,10 @@ def body(turns=None, **params) -> bytes:
 def test_valid_request_gets_defaults_and_params():
     request = parse_request(body(temperature=0, max_new_tokens=8, do_sample=False, top_p=0.5))
     assert request.messages == [{"role": "user", "content": "Hi"}]
-    assert request.params["temperature"] == 0 and request.params["max_new_tokens"] == 8 and request.params["top_p"] == 0.5
-    assert parse_request(body()).params == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "repetition_penalty": 1.0}
+    assert request.params == Parameters(temperature=0, top_p=0.5, max_new_tokens=8, do_sample=False)
+    assert request.params.greedy
+    assert parse_request(body()).params == DEFAULTS
+    assert DEFAULTS.as_dict() == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "do_sample": True, "repetition_penalty": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -48,18 +57,25 @@ def test_valid_request_gets_defaults_and_params():
         (body(do_sample="yes"), "do_sample must be true or false"),
         (body(beams=4), "unknown parameter.*beams.*supported"),
         (b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": [1]}}', "parameters must be an object"),
-        (b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": {"temperature": NaN}}}', "must be a number"),
+        (b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": {"temperature": NaN}}}', "must be a finite number"),
+        # hostile inputs that once gave 500s or echoed whole values
+        (body(max_new_tokens=10**400), r"max_new_tokens must be in \[1, 4096\], got a 401-digit number"),
+        (body(temperature=-(10**400)), "temperature must be in"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests JSON too deeply"),
+        (body([{"role": "x" * 100_000, "content": "hi"}]), r"role must be one of .*\.\.\.$"),
+        (b'{"input_data": {"input_string": [{"role": "user", "content": "\\ud800"}]}}', r"content is not valid Unicode"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(raw, expected):
     with pytest.raises(BadRequest, match=expected) as info:
         parse_request(raw)
     assert info.value.status == 400
+    assert len(str(info.value)) < 400  # never the whole hostile value
 
 
 def test_oversize_body_is_a_413():
     with pytest.raises(BadRequest) as info:
-        parse_request(b" " * (score.MAX_BODY_BYTES + 1))
+        parse_request(b" " * (MAX_BODY_BYTES + 1))
     assert info.value.status == 413
 
 
@@ -75,56 +91,91 @@ def test_model_folder_is_found_in_registered_and_mlflow_layouts(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(embedded_dir):
-    loaded = ChatModel.load(embedded_dir)
-    score._model, score._batcher = loaded, score.Batcher(loaded)
-    yield loaded
-    score._model = score._batcher = None
+    return ChatModel.load(embedded_dir)
 
 
-def ask(turns, **params) -> tuple[dict, int, dict]:
+@pytest.fixture(scope="module", params=["loop", "continuous"])
+def served(request, model, monkeypatch_module):
+    """score.score() over the embedded model, through each engine."""
+    monkeypatch_module.setenv("PHI3FLOW_ENGINE", request.param)
+    engine = score.engine_for(model, max_batch=8, max_queue=16, wait_s=0.05)
+    monkeypatch_module.setattr(score, "_model", model)
+    monkeypatch_module.setattr(score, "_engine", engine)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def ask_score(turns, **params) -> tuple[dict, int, dict]:
     return score.score(body(turns, **{"temperature": 0, "max_new_tokens": 24, **params}))
 
 
 @pytest.mark.model
-def test_single_turn_answers_from_the_model(model):
-    payload, status, _ = ask([{"role": "user", "content": "Who founded Microsoft?"}])
+def test_single_turn_answers_from_the_model(served):
+    payload, status, headers = ask_score([{"role": "user", "content": "Who founded Microsoft?"}])
     assert status == 200
     assert "Gates" in payload["output"]
+    assert headers["x-phi3flow-batch-size"] == "1" and headers["x-phi3flow-batch-invariant"] in ("true", "false")
 
 
 @pytest.mark.model
-def test_multi_turn_uses_the_conversation(model):
+def test_multi_turn_uses_the_conversation(served):
     turns = [
         {"role": "system", "content": "You answer in one short sentence."},
         {"role": "user", "content": "My name is Ada."},
         {"role": "assistant", "content": "Nice to meet you, Ada."},
         {"role": "user", "content": "What is my name?"},
     ]
-    payload, status, _ = ask(turns)
+    payload, status, _ = ask_score(turns)
     assert status == 200 and "Ada" in payload["output"]
 
 
 @pytest.mark.model
-def test_generation_stops_at_end_of_turn(model):
-    payload, _, _ = ask([{"role": "user", "content": "Say hello."}], max_new_tokens=200)
+def test_generation_stops_at_end_of_turn(served, model):
+    payload, _, _ = ask_score([{"role": "user", "content": "Say hello."}], max_new_tokens=200)
     tokens = len(model.tokenizer(payload["output"])["input_ids"])
     assert tokens < 200  # stopped by the end-of-turn token, not by the length limit
-    assert set(model.stop_ids) >= {model.tokenizer.eos_token_id}
+    assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.stop_ids  # found from the chat template
 
 
 @pytest.mark.model
-def test_long_conversations_drop_oldest_turns(model, monkeypatch):
+def test_sampling_parameters_are_honoured(served):
+    payload, status, _ = ask_score([{"role": "user", "content": "Tell me a story."}], temperature=1.5, top_p=0.9, max_new_tokens=8)
+    assert status == 200 and payload["output"]
+    payload, status, _ = ask_score([{"role": "user", "content": "Tell me a story."}], repetition_penalty=1.3, max_new_tokens=8)
+    assert status == 200 and payload["output"]
+
+
+@pytest.mark.model
+def test_long_conversations_drop_oldest_turns(served, model, monkeypatch):
     monkeypatch.setattr(model, "context", 160)
     old = [{"role": "user", "content": "Tell me about rivers. " * 10}, {"role": "assistant", "content": "Rivers flow. " * 10}]
     turns = old * 3 + [{"role": "user", "content": "Who founded Microsoft?"}]
-    payload, status, headers = ask(turns, max_new_tokens=16)
+    payload, status, headers = ask_score(turns, max_new_tokens=16)
     assert status == 200 and int(headers["x-phi3flow-truncated-turns"]) >= 2
-    payload, status, _ = ask([{"role": "user", "content": "word " * 400}], max_new_tokens=16)
+    payload, status, _ = ask_score([{"role": "user", "content": "word " * 400}], max_new_tokens=16)
     assert status == 400 and "shorten it or lower parameters.max_new_tokens" in payload["message"]
 
 
 @pytest.mark.model
-def test_lora_adapter_is_loaded_and_changes_output(model, embedded_dir, tmp_path):
+def test_truncation_finds_the_fewest_dropped_turns(model, monkeypatch):
+    """The binary search drops exactly as many turns as dropping them one by one would."""
+    monkeypatch.setattr(model, "context", 300)
+    turns = []
+    for i in range(40):
+        turns += [{"role": "user", "content": f"Question {i} " * (1 + i % 5)}, {"role": "assistant", "content": f"Answer {i}."}]
+    turns += [{"role": "user", "content": "Last question?"}]
+    ids, dropped = model.encode(turns, 50)
+    assert len(ids) <= 250 and turns[dropped]["role"] == "user"
+    assert len(model._render(turns[dropped - 2:])) > 250  # keeping one more exchange would not fit
+
+
+@pytest.mark.model
+def test_lora_adapter_is_merged_at_load_and_changes_output(model, embedded_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,67 +190,105 @@ def test_lora_adapter_is_loaded_and_changes_output(model, embedded_dir, tmp_path
     )
     AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "adapter")
     with_adapter = ChatModel.load(tmp_path / "adapter")
-    from peft import PeftModel
-
-    assert isinstance(with_adapter.model, PeftModel)
+    assert not hasattr(with_adapter.model, "peft_config")  # merged: plain transformers model
     request = parse_request(body([{"role": "user", "content": "Who founded Microsoft?"}], temperature=0, max_new_tokens=12))
-    assert with_adapter.generate(request)[0] != model.generate(request)[0]
+    engines = LoopEngine(with_adapter), LoopEngine(model)
+    assert ask(engines[0], with_adapter, request)[0].text != ask(engines[1], model, request)[0].text
 
 
-@pytest.mark.model
-def test_continuous_batching_gives_each_request_its_own_answer(embedded_dir, monkeypatch):
-    """Requests joining a running batch, with their own length limits, get exactly what they would alone (fp32: exact)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
+QUESTIONS = [f"What is the capital of {c}?" for c in ("France", "Japan", "Germany", "Egypt", "Kenya", "Canada")] * 2
 
-    monkeypatch.setenv(score.DTYPE_ENV, "float32")
-    model = ChatModel.load(embedded_dir)
-    batcher = score.Batcher(model, max_batch=4)
-    countries = ["France", "Japan", "Germany", "Egypt", "Kenya", "Canada"] * 2
-    requests = [parse_request(body([{"role": "user", "content": f"What is the capital of {c}?"}], temperature=0, max_new_tokens=3 + 5 * (i % 3)))
-                for i, c in enumerate(countries)]
-    alone = [model.generate(request)[0] for request in requests]
 
-    def staggered(i: int) -> str:
-        time.sleep(0.15 * i)  # arrive while earlier ones are mid-generation
-        ids, _ = model.encode(requests[i].messages, requests[i].params["max_new_tokens"])
-        return batcher.submit(ids, requests[i].params)
+@pytest.fixture(scope="module")
+def fp32_model(embedded_dir):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DTYPE_ENV, "float32")
+        return ChatModel.load(embedded_dir)
+
+
+def staggered(engine, model, requests) -> list:
+    """Requests arriving while earlier ones are mid-generation, each with its own length limit."""
+    def one(i: int):
+        time.sleep(0.15 * i)
+        return ask(engine, model, requests[i])[0]
 
     with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(staggered, range(len(requests))))
-    assert together == alone
-    assert len(model.tokenizer(together[0])["input_ids"]) <= 3
+        return list(pool.map(one, range(len(requests))))
 
 
 @pytest.mark.model
-def test_a_failing_batch_fails_every_request_in_it_and_the_batcher_goes_on(embedded_dir, monkeypatch):
-    """Requests that joined a batch whose generation fails get the error instead of waiting forever."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
+def test_continuous_batching_gives_each_request_its_own_answer(fp32_model):
+    """Requests joining a running batch get exactly what they would alone (fp32 on a CPU: batch-invariant)."""
+    requests = [parse_request(body([{"role": "user", "content": q}], temperature=0, max_new_tokens=3 + 5 * (i % 3)))
+                for i, q in enumerate(QUESTIONS)]
+    single = LoopEngine(fp32_model, max_batch=1)
+    alone = [ask(single, fp32_model, request)[0] for request in requests]
+    assert {answer.batch_size for answer in alone} == {1}
+    engine = LoopEngine(fp32_model, max_batch=4)
+    assert engine.batch_invariant
+    together = staggered(engine, fp32_model, requests)
+    assert [a.text for a in together] == [a.text for a in alone]
+    assert max(a.batch_size for a in together) > 1  # batching happened
+    assert all(a.tokens <= r.params.max_new_tokens for a, r in zip(together, requests))
 
-    model = ChatModel.load(embedded_dir)
-    batcher = score.Batcher(model, max_batch=4)
+
+@pytest.mark.model
+def test_library_engine_answers_like_the_decode_loop(fp32_model):
+    """transformers' continuous batching (the CUDA engine), run on the CPU: same greedy answers as the loop."""
+    from phi3serve.continuous import ContinuousEngine
+
+    requests = [parse_request(body([{"role": "user", "content": q}], temperature=0, max_new_tokens=12)) for q in QUESTIONS[:6]]
+    loop = LoopEngine(fp32_model, max_batch=1)
+    engine = ContinuousEngine(fp32_model, max_batch=4, max_queue=8, fallback=loop)
+    together = staggered(engine, fp32_model, requests)
+    assert [a.text for a in together] == [ask(loop, fp32_model, r)[0].text for r in requests]
+    assert max(a.batch_size for a in together) > 1
+
+
+@pytest.mark.model
+def test_abandoned_requests_stop_generating(fp32_model):
+    """A request nobody waits for (past its deadline) leaves the batch at the next step; others go on."""
+    from phi3serve.continuous import ContinuousEngine
+
+    long = parse_request(body([{"role": "user", "content": "Write a very long essay about rivers."}], temperature=0, max_new_tokens=4000))
+    for engine in (LoopEngine(fp32_model), ContinuousEngine(fp32_model, 4, 8, LoopEngine(fp32_model), warmup=False)):
+        ids, _ = fp32_model.encode(long.messages, 4000)
+        job = Job(ids, long.params, deadline=time.monotonic() + 1.0)
+        engine.submit(job)
+        short = parse_request(body([{"role": "user", "content": "Hi"}], temperature=0, max_new_tokens=4))
+        assert ask(engine, fp32_model, short)[0].text
+        time.sleep(1.5)
+        short_after = ask(engine, fp32_model, short, timeout_s=30)[0]
+        assert short_after.batch_size == 1  # the abandoned one no longer shares the batch
+        if job.future.done():  # the loop hands back what it had; the library engine drops it
+            assert job.future.result().tokens < 4000
+
+
+@pytest.mark.model
+def test_a_failing_batch_fails_every_request_in_it_and_the_engine_goes_on(model, monkeypatch):
+    """Requests that joined a batch whose generation fails get a clear 5xx error instead of waiting forever."""
+    engine = LoopEngine(model, max_batch=4)
     request = parse_request(body([{"role": "user", "content": "Count to ten."}], temperature=0, max_new_tokens=12))
-    ids, _ = model.encode(request.messages, 12)
-    real_prefill, calls, joined = model._prefill, [], threading.Event()
+    real_prefill, calls, joined = engine.decoder._prefill, [], threading.Event()
 
-    def failing_second_prefill(items, *args):
-        calls.append(len(items))
+    def failing_second_prefill(jobs, *args):
+        calls.append(len(jobs))
         if len(calls) == 2:  # the joiners' prefill
             joined.set()
-            raise RuntimeError("GPU fell off the bus")
-        return real_prefill(items, *args)
+            raise RuntimeError("CUDA out of memory")
+        return real_prefill(jobs, *args)
 
-    monkeypatch.setattr(model, "_prefill", failing_second_prefill)
+    monkeypatch.setattr(engine.decoder, "_prefill", failing_second_prefill)
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(batcher.submit, ids, request.params)
+        first = pool.submit(ask, engine, model, request)
         while not calls:  # the first batch has started
             time.sleep(0.001)
-        second = pool.submit(batcher.submit, ids, request.params)
+        second = pool.submit(ask, engine, model, request)
         assert joined.wait(30)
         for future in (first, second):
-            with pytest.raises(RuntimeError, match="fell off the bus"):
+            with pytest.raises(GenerationFailed, match="CUDA out of memory") as info:
                 future.result(timeout=30)
-    monkeypatch.setattr(model, "_prefill", real_prefill)
-    assert batcher.submit(ids, request.params)  # the batcher thread survived
+            assert info.value.status == 500
+    monkeypatch.setattr(engine.decoder, "_prefill", real_prefill)
+    assert ask(engine, model, request)[0].text  # the worker survived
+    assert engine.healthy()

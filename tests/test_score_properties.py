@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phi3flow.deploy import score
-from phi3flow.deploy.score import PARAMS, BadRequest, ChatRequest, parse_request
+from phi3serve.loop import LoopEngine
+from phi3serve.model import ChatModel
+from phi3serve.contract import PARAMS, BadRequest, ChatRequest, parse_request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -40,15 +42,16 @@ def test_any_body_parses_or_is_a_clear_4xx(raw):
         return
     assert isinstance(request, ChatRequest) and request.messages and request.messages[-1]["role"] == "user"
     assert all(isinstance(turn["content"], str) for turn in request.messages)
-    assert 1 <= request.params["max_new_tokens"] <= 4096 and 0 <= request.params["temperature"] <= 2
+    assert 1 <= request.params.max_new_tokens <= 4096 and 0 <= request.params.temperature <= 2
 
 
 @pytest.fixture(scope="module")
 def live_model(embedded_dir):
-    model = score.ChatModel.load(embedded_dir)
-    score._model, score._batcher = model, score.Batcher(model)
-    yield model
-    score._model = score._batcher = None
+    model = ChatModel.load(embedded_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(score, "_model", model)
+        patch.setattr(score, "_engine", LoopEngine(model))
+        yield model
 
 
 short_params = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 3)},

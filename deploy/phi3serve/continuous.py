@@ -1,0 +1,116 @@
+"""The CUDA engine: transformers' continuous batching manager (paged KV cache, CUDA graphs captured at start-up).
+
+One persistent manager serves every request; a dispatcher thread routes its results to the waiting
+jobs and cancels the ones nobody waits for any more. Per-request temperature, top-p and top-k are
+the manager's per-request logits processors; greedy decoding is top-k 1 (the argmax, exactly).
+The manager cannot apply a repetition penalty per request, so those requests go to the decode loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+from phi3serve.contract import DEFAULTS, Busy, GenerationFailed, Unavailable
+from phi3serve.engine import Answer, Bounded, Job
+from phi3serve.loop import LoopEngine
+from phi3serve.model import ChatModel
+
+log = logging.getLogger("azmlinfsrv.score")
+
+
+class ContinuousEngine(Bounded):
+    batch_invariant = False  # requests share varlen forward passes; bf16 rounding depends on the mix
+
+    def __init__(self, model: ChatModel, max_batch: int, max_queue: int, fallback: LoopEngine, warmup: bool = True):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        super().__init__(max_queue)
+        self.model, self.max_batch, self.fallback = model, max_batch, fallback
+        self.stop_ids = set(model.stop_ids)
+        self.vocab = int(model.model.config.vocab_size)
+        # Non-neutral defaults make transformers build the temperature/top-k/top-p processors; every request
+        # then passes its own values.
+        generation = GenerationConfig(do_sample=True, temperature=DEFAULTS.temperature, top_k=self.vocab, top_p=0.99,
+                                      max_new_tokens=DEFAULTS.max_new_tokens, eos_token_id=model.stop_ids,
+                                      pad_token_id=model.pad_id)
+        cuda = model.device.type == "cuda"
+        # Measured on an H200 (bench/gpu.py): async double-buffering was 2-3.5x slower with SDPA's masks, and
+        # compiling the paths (default_compile_level 1) failed in torch 2.11's inductor; CUDA graphs alone win.
+        config = ContinuousBatchingConfig(per_request_processors=True, use_cuda_graph=cuda, use_async_batching=False,
+                                          max_requests_per_batch=max_batch)
+        self.manager = model.model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        if warmup:
+            started = time.monotonic()
+            self.manager.warmup()  # CUDA graphs are captured here, never on a user's request
+            log.info("Continuous batching warmed up in %.1f s", time.monotonic() - started)
+        self.inflight: dict[str, Job] = {}
+        self.ids = itertools.count()
+        started = threading.Event()
+        self.start_worker(lambda: self._dispatch(started), "phi3flow-dispatch")
+        started.wait()
+
+    def submit(self, job: Job) -> None:
+        if job.params.repetition_penalty != 1.0:
+            self.fallback.submit(job)
+            return
+        with self.lock:
+            if not self.healthy():
+                raise Unavailable("the generation engine stopped; the server is restarting")
+            if len(self.inflight) >= self.max_batch + self.max_queue:
+                raise Busy()
+            request_id = f"phi3flow-{next(self.ids)}"
+            self.inflight[request_id] = job
+            for other in self.inflight.values():
+                other.batch_size = max(other.batch_size, min(len(self.inflight), self.max_batch))
+        sampling = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if job.params.greedy else
+                    {"temperature": job.params.temperature, "top_k": self.vocab, "top_p": job.params.top_p})
+        self.manager.add_request(job.ids, request_id=request_id, max_new_tokens=job.params.max_new_tokens,
+                                 eos_token_id=self.model.stop_ids, **sampling)
+
+    def healthy(self) -> bool:
+        return super().healthy() and self.manager.is_running() and self.fallback.healthy()
+
+    def _dispatch(self, started: threading.Event) -> None:
+        """Route finished results to their jobs; cancel abandoned jobs; fail everything if the manager dies."""
+        # Started from this daemon thread, the manager's generation thread is a daemon too (threads inherit it),
+        # so a worker that exits never waits for it.
+        self.manager.start()
+        started.set()
+        checked = time.monotonic()
+        while self.manager.is_running():
+            result = self.manager.get_result(timeout=0.2)
+            if time.monotonic() - checked > 0.2:
+                self._cancel_abandoned()
+                checked = time.monotonic()
+            if result is None:
+                continue
+            with self.lock:
+                job = self.inflight.pop(result.request_id, None)
+            if job is None:
+                continue
+            if result.error:
+                job.resolve(GenerationFailed(f"generation failed: {result.error[:200]}"))
+            else:
+                tokens = list(result.generated_tokens)
+                while tokens and tokens[-1] in self.stop_ids:
+                    tokens.pop()
+                job.resolve(Answer(self.model.text(tokens), len(tokens), job.batch_size))
+        log.error("The continuous batching manager stopped; failing %d waiting request(s)", len(self.inflight))
+        with self.lock:
+            jobs, self.inflight = list(self.inflight.values()), {}
+        for job in jobs:
+            job.resolve(Unavailable("the generation engine stopped; the server is restarting"))
+
+    def _cancel_abandoned(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            gone = [request_id for request_id, job in self.inflight.items() if job.expired(now)]
+            for request_id in gone:
+                del self.inflight[request_id]
+        for request_id in gone:
+            self.manager.cancel_request(request_id)
+        if gone:
+            log.info("Cancelled %d request(s) nobody waits for", len(gone))

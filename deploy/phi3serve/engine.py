@@ -1,0 +1,104 @@
+"""The one interface every generation engine offers the scoring script, and the job it hands them.
+
+An engine takes encoded prompts with their parameters and answers each job's future; it owns its
+batching, its queue bound (Busy) and its failure handling (a failed generation fails only its jobs).
+`engine_for` picks the engine: transformers' continuous batching on CUDA, the hand-written decode
+loop on a CPU (measured faster there), or what $PHI3FLOW_ENGINE names.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from phi3serve.contract import ChatRequest, Parameters
+from phi3serve.model import ChatModel
+
+ENGINE_ENV = "PHI3FLOW_ENGINE"  # auto (default), loop or continuous
+ENGINES = ("auto", "loop", "continuous")
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int  # generated tokens, the stop token excluded
+    batch_size: int  # most sequences decoded together while this one was
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside an engine: its prompt ids, parameters, deadline and the future its answer goes to."""
+
+    ids: list[int]
+    params: Parameters
+    deadline: float = float("inf")  # time.monotonic() after which nobody waits for the answer
+    future: Future = field(default_factory=Future)
+    batch_size: int = 1
+
+    def resolve(self, outcome: "Answer | Exception") -> None:
+        """Hand the answer (or error) to whoever waits; a no-op if they gave up (cancelled) or it is already set."""
+        try:
+            if isinstance(outcome, Exception):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+        except InvalidStateError:
+            pass
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) > self.deadline or self.future.cancelled()
+
+
+class Engine(Protocol):
+    batch_invariant: bool  # greedy answers never depend on which requests share the batch
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (raises Busy when the queue is full); its future gets an Answer or a ServingError."""
+
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (its worker died): liveness fails and Azure restarts."""
+
+
+class Bounded:
+    """The queue bound and worker-liveness bookkeeping both engines share."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.lock = threading.Condition()
+        self.worker: threading.Thread | None = None
+
+    def start_worker(self, target, name: str) -> None:
+        self.worker = threading.Thread(target=target, name=name, daemon=True)
+        self.worker.start()
+
+    def healthy(self) -> bool:
+        return self.worker is not None and self.worker.is_alive()
+
+
+def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float = 3600.0) -> tuple[Answer, int]:
+    """Encode, submit and wait: (answer, turns dropped). Past `timeout_s` the engine stops generating it."""
+    ids, dropped = model.encode(request.messages, request.params.max_new_tokens)
+    job = Job(ids, request.params, deadline=time.monotonic() + timeout_s)
+    engine.submit(job)
+    return job.future.result(timeout=timeout_s + 5), dropped
+
+
+def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float) -> Engine:
+    """The engine $PHI3FLOW_ENGINE names, else continuous batching on CUDA and the decode loop on CPU."""
+    choice = os.environ.get(ENGINE_ENV, "auto")
+    if choice not in ENGINES:
+        raise RuntimeError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {choice!r}")
+    if choice == "auto":
+        choice = "continuous" if model.device.type == "cuda" else "loop"
+    from phi3serve.loop import LoopEngine
+
+    loop = LoopEngine(model, max_batch=max_batch, max_queue=max_queue, wait_s=wait_s)
+    if choice == "loop":
+        return loop
+    from phi3serve.continuous import ContinuousEngine
+
+    return ContinuousEngine(model, max_batch=max_batch, max_queue=max_queue, fallback=loop)

@@ -1,0 +1,163 @@
+"""Loading a chat model for serving: the folder, dtype, LoRA adapter, stop tokens, and prompt encoding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from bisect import bisect_left
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi3serve.contract import BadRequest
+
+log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
+
+BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base model
+DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
+METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
+_SENTINEL = "phi3flow-sentinel-answer"
+
+
+def find_model_folder(root: Path) -> Path:
+    """The folder holding the model: AZUREML_MODEL_DIR itself, a registered model's subfolder, or an MLflow one."""
+    markers = ("adapter_config.json", "config.json")
+    candidates = [root] + sorted(p.parent for marker in markers for p in root.rglob(marker))
+    for folder in candidates:
+        if any((folder / marker).is_file() for marker in markers):
+            return folder
+    raise FileNotFoundError(f"No model found under {root}: expected a Hugging Face folder (config.json) or a LoRA adapter (adapter_config.json)")
+
+
+def choose_dtype(cuda: bool) -> torch.dtype:
+    """$PHI3FLOW_DTYPE, else bf16 where the hardware computes it natively (most GPUs; CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs."""
+    name = os.environ.get(DTYPE_ENV, "auto")
+    if name != "auto":
+        if name not in ("float32", "bfloat16", "float16"):
+            raise RuntimeError(f"{DTYPE_ENV} must be auto, float32, bfloat16 or float16, got {name!r}")
+        return getattr(torch, name)
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of every special token, including added control tokens not listed among all_special_ids."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return ids
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The first special token the chat template writes after an assistant message (else EOS; None without either)."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
+                                         tokenize=False)
+    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+    special = special_token_ids(tokenizer)
+    for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return token_id
+    return tokenizer.eos_token_id
+
+
+class ChatModel:
+    """A causal LM with its tokenizer and chat template: encodes conversations, knows its stop tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, end_of_turn: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.stop_ids = self._stop_ids(end_of_turn)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "ChatModel":
+        """A Hugging Face folder, or a LoRA adapter merged onto its base at load (serving then costs no adapter math)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = find_model_folder(Path(model_dir))
+        cuda = torch.cuda.is_available()
+        metadata = _read_json(folder / METADATA_FILE) or {}
+        adapter = _read_json(folder / "adapter_config.json")
+        base: str | Path = folder
+        if adapter is not None:
+            base = os.environ.get(BASE_MODEL_ENV) or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda), attn_implementation="sdpa")
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+            log.info("Merged LoRA adapter %s onto base %s", folder, base)
+        has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
+        if cuda:
+            model = model.to("cuda")
+        return cls(model, tokenizer, metadata.get("end_of_turn_token"))
+
+    def _stop_ids(self, recorded: str | None) -> list[int]:
+        """What training recorded, the chat template's end-of-turn token, then the model's own EOS settings."""
+        ids: list[int | None] = []
+        if recorded is not None:
+            ids.append(self.tokenizer.convert_tokens_to_ids(recorded))
+        ids.append(end_of_turn_id(self.tokenizer))
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids += eos if isinstance(eos, list) else [eos]
+        ids.append(self.tokenizer.eos_token_id)
+        stop = list(dict.fromkeys(i for i in ids if i is not None and i != self.tokenizer.unk_token_id))
+        if not stop:
+            raise RuntimeError("the model has no end-of-turn or EOS token: generation could never stop")
+        return stop
+
+    def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt, dropping the oldest turns (after the system prompt) if needed: (ids, turns dropped).
+
+        The prompt shrinks as turns are dropped, so a binary search over the user turns a window may
+        start at finds the fewest drops in O(log n) template renderings (not one per turn).
+        """
+        budget = self.context - max_new_tokens
+        if budget <= 0:
+            raise BadRequest(f"parameters.max_new_tokens must be below the model's context of {self.context} tokens")
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        starts = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+        cache: dict[int, list[int]] = {}
+
+        def ids_from(start: int) -> list[int]:
+            if start not in cache:
+                cache[start] = self._render(system + turns[start:])
+            return cache[start]
+
+        if len(ids_from(starts[0])) <= budget:
+            return ids_from(starts[0]), starts[0]
+        first_fit = bisect_left(range(len(starts)), True, key=lambda k: len(ids_from(starts[k])) <= budget)
+        if first_fit == len(starts):
+            raise BadRequest(
+                f"the last user turn needs more than {budget} tokens (context {self.context} minus max_new_tokens "
+                f"{max_new_tokens}); shorten it or lower parameters.max_new_tokens"
+            )
+        return ids_from(starts[first_fit]), starts[first_fit]
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        except Exception as exc:  # jinja errors: the template rejects this conversation shape
+            raise BadRequest(f"input_data.input_string was rejected by the model's chat template: {str(exc)[:200]}") from None
+        return list(out["input_ids"])
+
+    def text(self, tokens: list[int]) -> str:
+        """The answer text of generated tokens (stop tokens and other special tokens left out)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
