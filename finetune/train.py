@@ -83,9 +83,12 @@ def resolve_model(name: str) -> str:
     return str(embedded_model_dir()) if name == EMBEDDED else name
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    """bf16 only on CUDA: CPU bf16 training is slow and loses precision for no memory the config needs."""
-    return cfg.bf16 and torch.cuda.is_available()
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """`bf16: true` means half precision on CUDA: bf16 where the GPU computes it (Ampere and newer), else fp16
+    (T4, V100 refuse bf16). On a CPU, fp32: bf16 training there is slow and loses precision for no memory gain."""
+    if not (cfg.bf16 and torch.cuda.is_available()):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
@@ -95,8 +98,10 @@ def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
         log.warning("QLoRA needs CUDA (bitsandbytes 4-bit); no GPU here, so this trains plain LoRA in fp32.")
     if cfg.bf16 and not cuda:
         log.warning("bf16 is for CUDA here; training in fp32 on CPU.")
-    bf16 = use_bf16(cfg)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    dtype = compute_dtype(cfg)
+    if cfg.bf16 and dtype == torch.float16:
+        log.warning("%s has no bf16: training with fp16 mixed precision instead.", torch.cuda.get_device_name())
+    kwargs: dict[str, Any] = {"dtype": dtype}
     quantized = cfg.load_in_4bit and cuda
     if quantized:
         try:
@@ -107,7 +112,7 @@ def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float16,
         )
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -186,7 +191,7 @@ class LossProgressCallback(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 
 
-def training_arguments(cfg: TrainConfig, bf16: bool) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, dtype: torch.dtype) -> TrainingArguments:
     evaluate = cfg.eval_steps > 0
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR),
@@ -205,7 +210,8 @@ def training_arguments(cfg: TrainConfig, bf16: bool) -> TrainingArguments:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
-        bf16=bf16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
@@ -240,7 +246,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     )
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, use_bf16(cfg)),
+        args=training_arguments(cfg, compute_dtype(cfg)),
         train_dataset=train_set,
         eval_dataset=test_set,
         data_collator=collator,

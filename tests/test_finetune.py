@@ -76,6 +76,7 @@ def test_shipped_configs() -> None:
     assert gpu.model == "microsoft/Phi-3-mini-4k-instruct"
     assert gpu.target_modules == PHI3_TARGETS
     assert gpu.load_in_4bit and gpu.bf16 and gpu.gradient_checkpointing
+    assert gpu.group_by_length and not gpu.packing  # fastest on a GPU (bench/gpu.py; README "Fine-tune on a GPU")
     assert cpu.model == config.EMBEDDED and not cpu.load_in_4bit and not cpu.bf16
     assert cpu.target_modules == ["all-linear"] and cpu.packing
 
@@ -257,15 +258,19 @@ def test_short_embedded_run_lowers_training_loss(embedded_run) -> None:
 @pytest.mark.model
 def test_adapter_loads_in_the_scoring_script_and_changes_answers(embedded_run) -> None:
     pytest.importorskip("azureml_inference_server_http")
-    from phi3flow.deploy import score
     from phi3flow.embedded import embedded_model_dir
+    from phi3serve.contract import ChatRequest, Parameters
+    from phi3serve.engine import ask
+    from phi3serve.loop import LoopEngine
+    from phi3serve.model import ChatModel
 
     cfg, _, _ = embedded_run
-    params = {**score.DEFAULTS, "do_sample": False, "max_new_tokens": 24}
+    params = Parameters(do_sample=False, max_new_tokens=24)
     answers = {}
     for name, folder in (("base", embedded_model_dir()), ("tuned", Path(cfg.output_dir))):
-        model = score.ChatModel.load(folder)
-        answers[name] = [model.generate(score.ChatRequest([{"role": "user", "content": q}], params))[0]
+        model = ChatModel.load(folder)
+        engine = LoopEngine(model)
+        answers[name] = [ask(engine, model, ChatRequest([{"role": "user", "content": q}], params))[0].text
                          for q in QUESTIONS]
     assert answers["base"] != answers["tuned"], answers
 

@@ -22,6 +22,13 @@ GREEDY_BELOW = 1e-3  # temperatures under this decode greedily (dividing logits 
 TRUNCATED_HEADER = "x-phi3flow-truncated-turns"  # oldest turns dropped to fit the context
 BATCH_SIZE_HEADER = "x-phi3flow-batch-size"  # most sequences decoded together while this answer was generated
 BATCH_INVARIANT_HEADER = "x-phi3flow-batch-invariant"  # "true": greedy answers never depend on the batch
+# Streaming: a request with `Accept: text/event-stream` gets server-sent events instead of one JSON answer:
+#   event: delta  data: {"text": "<next piece>"}                      (zero or more)
+#   event: done   data: {"output": "<whole answer>", "truncated_turns": n, "batch_size": n, "tokens": n}
+#   event: error  data: {"message": "...", "status": 500}              (a failure after the first event)
+# Errors before the stream starts keep their JSON body and status code.
+STREAM_MEDIA_TYPE = "text/event-stream"
+DELTA_EVENT, DONE_EVENT, ERROR_EVENT = "delta", "done", "error"
 
 
 class ServingError(Exception):
