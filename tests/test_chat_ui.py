@@ -185,6 +185,7 @@ def test_pf_flow_serve_reports_the_tools_error_when_the_key_is_refused(served_fl
     assert response.status_code == 400, response.text  # a user error (the tool's), not a server crash
     assert "the endpoint refused the key (HTTP 401): check the connection's key" in response.text
     assert "Traceback" not in response.text and SECRET not in response.text
+    assert SECRET not in (ARTIFACTS / "pf-flow-serve.log").read_text()
 
 
 # ---- the chat page of `pf flow test --ui` in headless Chromium ------------------------------------------------------
@@ -243,6 +244,7 @@ def chat_ui(pf_home, chat_flow, capitals) -> ChatUi:
     """`pf flow test --flow flows/chat --ui`, its serving app up."""
     pf_home.start_service()  # on a free port; `--ui` finds it through the PF home
     ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "chat_ui_failure.png").unlink(missing_ok=True)  # only this run's failure, if any
     log, app_port = ARTIFACTS / "pf-flow-test-ui.log", free_port()
     process = pf_home.spawn("pf", "flow", "test", "--flow", str(chat_flow), "--ui", "--skip-open-browser", "--port", str(app_port), log=log)
     ui = ChatUi(process, log, app_port, chat_flow)
@@ -354,6 +356,7 @@ def test_chat_page_shows_the_tools_error_then_recovers(page, capitals):
     text = page.send("And of Spain, again?", "The capital of Spain is Madrid.")
     page.screenshot("chat_ui_errors.png")
     assert "Traceback" not in text and 'File "' not in text and SECRET not in text
+    assert SECRET not in page.ui.log.read_text()
     turns = [message["content"] for message in server.requests[-1]["body"]["input_data"]["input_string"]]
     assert turns[-3:] == ["And of Portugal?", "The capital of Portugal is Lisbon.", "And of Spain, again?"]
     assert "And of Spain?" not in turns and "And of Greece?" not in turns  # failed turns are not sent as history
