@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -39,8 +40,9 @@ IGNORED_OPTIONS = frozenset({"instructions", "model", "tool_choice", "allow_mult
 class EndpointChatClient(BaseChatClient):
     """Agent Framework chat client for an AzureML endpoint (the `{"input_data": ...}` -> `{"output": ...}` contract).
 
-    Non-streaming answers are one HTTP call; streaming yields the whole answer as a single update
-    (the endpoint does not stream). Tools are refused: the endpoint returns text only.
+    Non-streaming answers are one HTTP call; streaming yields an update per piece the endpoint streams
+    (`EndpointClient.chat_stream`), or one with the whole answer from an endpoint that does not stream.
+    Tools are refused: the endpoint returns text only.
     """
 
     OTEL_PROVIDER_NAME = "azureml"
@@ -76,21 +78,37 @@ class EndpointChatClient(BaseChatClient):
         self, *, messages: Sequence[Message], stream: bool, options: Mapping[str, Any], **kwargs: Any
     ) -> Awaitable[ChatResponse] | ResponseStream[ChatResponseUpdate, ChatResponse]:
         if stream:
-            return self._build_response_stream(self._stream_whole_answer(messages, options))
+            return self._build_response_stream(self._stream(messages, options))
         return self._respond(messages, options)
 
     async def _respond(self, messages: Sequence[Message], options: Mapping[str, Any]) -> ChatResponse:
         text = await self._call(messages, options)
         return ChatResponse(messages=[Message(role="assistant", contents=[text])], finish_reason="stop")
 
-    async def _stream_whole_answer(self, messages: Sequence[Message], options: Mapping[str, Any]) -> AsyncIterator[ChatResponseUpdate]:
-        yield ChatResponseUpdate(role="assistant", contents=[Content.from_text(await self._call(messages, options))], finish_reason="stop")
+    async def _stream(self, messages: Sequence[Message], options: Mapping[str, Any]) -> AsyncIterator[ChatResponseUpdate]:
+        """The blocking piece generator read off the event loop, one piece per thread hop."""
+        turns, parameters = await self._request(messages, options)
+        pieces = self._client.chat_stream(turns, **parameters)
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield ChatResponseUpdate(role="assistant", contents=[Content.from_text(piece)])
+            yield ChatResponseUpdate(role="assistant", finish_reason="stop")
+        finally:
+            # Drops the connection when the caller stops early. After a cancel the thread may still be inside
+            # next(): the generator is then closed when it is garbage collected, once that piece has arrived.
+            with contextlib.suppress(ValueError):
+                pieces.close()
 
     async def _call(self, messages: Sequence[Message], options: Mapping[str, Any]) -> str:
         """One endpoint call off the event loop (the shared client is blocking `requests`)."""
+        turns, parameters = await self._request(messages, options)
+        return await asyncio.to_thread(self._client.chat, turns, **parameters)
+
+    async def _request(self, messages: Sequence[Message], options: Mapping[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """Contract turns and parameters for a call (ValueError for what the endpoint cannot honour)."""
         options = await self._validate_options(options)
         turns = to_turns(prepend_instructions_to_messages(list(messages), options.get("instructions"), role="system"))
-        return await asyncio.to_thread(self._client.chat, turns, **to_parameters(options))
+        return turns, to_parameters(options)
 
     def answer(self, question: str, history: list[dict] | None = None, instructions: str = "", **options: Any) -> str:
         """Blocking single answer for evaluation; `history` is the chat flow's chat_history, so one dataset serves both paths."""

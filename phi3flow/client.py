@@ -5,20 +5,31 @@ with jitter on 429/502/503/504 and connection errors, honouring `Retry-After`, n
 The total time of a call is bounded: at most `retries + 1` attempts, each within the connect/read
 timeouts, with waits between them capped at `max_backoff` seconds (a long `Retry-After` included).
 Errors say what to do next, and never contain the key.
+
+`chat_stream` asks for server-sent events (wire format: `phi3serve.contract`) and yields text pieces as they
+come; retries apply only until the stream starts, and any later failure raises `EndpointError` (never a silent cut).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import logging
+import re
 import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+import urllib3
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
+
+from phi3serve.contract import DELTA_EVENT, DONE_EVENT, ERROR_EVENT, STREAM_MEDIA_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +102,81 @@ class EndpointClient:
 
     def chat(self, messages: list[dict[str, str]], **parameters: Any) -> str:
         """Send a conversation (role/content turns, last one the user's) and return the assistant's answer."""
-        body = {"input_data": {"input_string": messages, "parameters": {k: v for k, v in parameters.items() if v is not None}}}
+        return self._answer(self._post(messages, parameters))
+
+    def chat_stream(self, messages: list[dict[str, str]], **parameters: Any) -> Iterator[str]:
+        """Like `chat`, but yield the answer in pieces as the endpoint streams them; their concatenation is the answer.
+
+        An endpoint that does not stream (a JSON answer) yields its whole answer once. Retries happen before the
+        stream starts only; after it, a cut connection, an error event or a stream without its final event raises
+        EndpointError. Closing the generator early drops the connection, which tells the server to stop generating.
+        """
+        response = self._post(messages, parameters, stream=True)
         try:
-            response = self.session.post(self.endpoint, json=body, timeout=self.timeout)
+            if response.status_code != 200 or _media_type(response) != STREAM_MEDIA_TYPE:
+                yield self._answer(response)
+                return
+            sent = ""
+            try:
+                for event in parse_sse(_arrivals(response)):
+                    if event.type == DELTA_EVENT:
+                        piece = self._event_field(event, "text", sent)
+                        if piece:
+                            sent += piece
+                            yield piece
+                    elif event.type == DONE_EVENT:
+                        yield from self._rest_of_answer(self._event_field(event, "output", sent), sent)
+                        return
+                    elif event.type == ERROR_EVENT:
+                        raise self._stream_error(event, sent)
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+                raise EndpointError(f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
+                                    "the answer is incomplete; ask again") from None
+            raise EndpointError(f"the stream from {self._host()} ended after {len(sent)} characters without its final "
+                                f"'{DONE_EVENT}' event: the answer is incomplete; ask again")
+        finally:
+            response.close()
+
+    def _post(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool = False) -> requests.Response:
+        """One POST of the contract's body, retried by the session's policy until an answer (or its head) arrives."""
+        body = {"input_data": {"input_string": messages, "parameters": {k: v for k, v in parameters.items() if v is not None}}}
+        headers = {"Accept": STREAM_MEDIA_TYPE} if stream else None
+        try:
+            return self.session.post(self.endpoint, json=body, headers=headers, timeout=self.timeout, stream=stream)
         except requests.exceptions.RequestException as exc:
             raise self._transport_error(exc) from None
-        return self._answer(response)
+
+    def _event_field(self, event: "ServerSentEvent", name: str, sent: str) -> str:
+        """The string field `name` of an event's JSON data, or EndpointError saying the stream is malformed."""
+        try:
+            value = json.loads(event.data)[name]
+        except (ValueError, TypeError, KeyError):
+            value = None
+        if not isinstance(value, str):
+            raise EndpointError(f"{self.endpoint} streamed a '{event.type}' event without a string \"{name}\" field after "
+                                f"{len(sent)} characters: the deployment's score.py does not follow the streaming contract")
+        return value
+
+    def _rest_of_answer(self, output: str, sent: str) -> Iterator[str]:
+        """What the final event's whole answer adds to the pieces already sent (all of it when nothing was streamed)."""
+        if not output.startswith(sent):
+            raise EndpointError(f"{self.endpoint} streamed pieces that are not the start of its final answer: "
+                                "the deployment's score.py does not follow the streaming contract")
+        if len(output) > len(sent):
+            yield output[len(sent):]
+
+    def _stream_error(self, event: "ServerSentEvent", sent: str) -> EndpointError:
+        """An error event: the server's message and status, and that the answer is incomplete."""
+        try:
+            payload = json.loads(event.data)
+        except ValueError:
+            payload = None
+        payload = payload if isinstance(payload, dict) else {}
+        status = payload.get("status") if isinstance(payload.get("status"), int) else None
+        message = payload.get("message") if isinstance(payload.get("message"), str) else event.data
+        code = f" (HTTP {status})" if status else ""
+        return EndpointError(f"the endpoint failed after streaming {len(sent)} characters{code}: {message[:300]}; "
+                             "the answer is incomplete", status)
 
     def close(self) -> None:
         self.session.close()
@@ -152,6 +232,64 @@ class EndpointClient:
         raise EndpointError(f"{message}{': ' + detail if detail else ''}", status)
 
 
+@dataclass(frozen=True)
+class ServerSentEvent:
+    type: str
+    data: str
+
+
+# One line and its end: CRLF, LF, or a CR that is not the last character read so far (an LF may follow it).
+_LINE = re.compile(r"([^\r\n]*)(?:\r\n|\n|\r(?!\Z))")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Complete lines of a UTF-8 byte stream (optional BOM) ending in CRLF, LF or CR, however the chunks split them."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    pending = ""
+    for chunk in chunks:
+        pending += decoder.decode(chunk)
+        end = 0
+        for line in _LINE.finditer(pending):
+            end = line.end()
+            yield line.group(1)
+        pending = pending[end:]
+    pending += decoder.decode(b"", final=True)
+    if pending.endswith("\r"):  # a CR at the very end ends its line too
+        yield pending[:-1]
+
+
+def parse_sse(chunks: Iterable[bytes]) -> Iterator[ServerSentEvent]:
+    """Server-sent events from a byte stream, as the HTML standard parses them (https://html.spec.whatwg.org/#event-stream-interpretation).
+
+    A blank line dispatches the event; `data` lines join with newlines; comment lines (':') and id/retry
+    fields are skipped; an event with no data is not dispatched, nor is an unfinished one at the end.
+    """
+    event_type, data = "", []
+    for text in _lines(chunks):
+        if not text:
+            if data:
+                yield ServerSentEvent(event_type or "message", "\n".join(data))
+            event_type, data = "", []
+            continue
+        name, colon, value = text.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            event_type = value
+        elif name == "data":
+            data.append(value)
+
+
+def _arrivals(response: requests.Response) -> Iterator[bytes]:
+    """The body as the network delivers it (`iter_content` waits to fill its buffer when a body is not chunked)."""
+    while data := response.raw.read1(8192, decode_content=True):
+        yield data
+
+
+def _media_type(response: requests.Response) -> str:
+    return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
 def _detail(response: requests.Response) -> str:
     """The server's own error message, short."""
     try:
@@ -171,6 +309,10 @@ def _reason(exc: requests.exceptions.RequestException) -> str:
         return "connection refused"
     if "name or service not known" in text or "nodename nor servname" in text or "failed to resolve" in text:
         return "host name not found"
+    if "timed out" in text:
+        return "timed out"
+    if "connection broken" in text or "reset by peer" in text:
+        return "connection broken"
     if "max retries exceeded" in text:
         return "no connection after retrying"
     return type(exc).__name__

@@ -34,10 +34,13 @@ SECRET = "s3cr3t-key-that-must-never-leak"
 
 @dataclass
 class Reply:
+    """A scripted answer; a list `body` is streamed: each piece written and flushed `gap` seconds apart, then the connection closed."""
+
     status: int = 200
     body: object = field(default_factory=lambda: {"output": "ok"})
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
+    gap: float = 0.0
 
 
 class ScriptedEndpoint:
@@ -48,6 +51,7 @@ class ScriptedEndpoint:
         self.script: list[Reply] = [Reply()]
         self.requests: list[dict] = []
         self.times: list[float] = []
+        self.disconnects = 0  # answers the client stopped reading before their end
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,17 +62,22 @@ class ScriptedEndpoint:
                 outer.times.append(time.monotonic())
                 reply = responder(body) if responder else outer.script[min(len(outer.requests), len(outer.script)) - 1]
                 time.sleep(reply.delay)
-                payload = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
-                data = payload.encode() if isinstance(payload, str) else payload
+                streamed = isinstance(reply.body, list)
+                payload = reply.body if isinstance(reply.body, (bytes, str, list)) else json.dumps(reply.body)
+                pieces = [p.encode() if isinstance(p, str) else p for p in (payload if streamed else [payload])]
                 try:
                     self.send_response(reply.status)
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(data)))
+                    if not streamed:
+                        self.send_header("Content-Length", str(len(pieces[0])))
                     self.end_headers()
-                    self.wfile.write(data)
+                    for i, piece in enumerate(pieces):
+                        time.sleep(reply.gap if i else 0)
+                        self.wfile.write(piece)
+                        self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    outer.disconnects += 1
 
             def log_message(self, *args) -> None:
                 pass

@@ -7,8 +7,10 @@ tests skip in the main venv and run in .venv-agents.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import time
 
 import pytest
 
@@ -72,13 +74,65 @@ def test_system_messages_merge_into_one_leading_turn(endpoint):
     assert turns == [{"role": "system", "content": "Be brief.\n\nUse French."}, {"role": "user", "content": "Bonjour"}]
 
 
-def test_streaming_yields_the_whole_answer_once(endpoint):
-    endpoint.script = [Reply(body={"output": "Bill Gates."})]
+def stream_texts(chat_client: EndpointChatClient, question: str = "Who?", stop_after: int | None = None) -> list[str]:
+    """The text of each update of a streamed answer (the last one only says it is finished), or of the first `stop_after`."""
 
     async def collect() -> list[str]:
-        return [update.text async for update in client(endpoint).get_response([Message(role="user", contents=["Who?"])], stream=True)]
+        texts = []
+        async for update in chat_client.get_response([Message(role="user", contents=[question])], stream=True):
+            texts.append(update.text)
+            if len(texts) == stop_after:
+                break
+        return texts
 
-    assert asyncio.run(collect()) == ["Bill Gates."]
+    return asyncio.run(collect())
+
+
+def sse(*pieces: str, done: bool = True) -> list[str]:
+    """A server-sent events body in the contract's format (phi3serve.contract)."""
+    events = [f"event: delta\ndata: {json.dumps({'text': piece})}\n\n" for piece in pieces]
+    return events + ([f"event: done\ndata: {json.dumps({'output': ''.join(pieces)})}\n\n"] if done else [])
+
+
+SSE = {"Content-Type": "text/event-stream"}
+
+
+def test_streaming_from_a_json_endpoint_yields_the_whole_answer_once(endpoint):
+    endpoint.script = [Reply(body={"output": "Bill Gates."})]
+    assert stream_texts(client(endpoint)) == ["Bill Gates.", ""]
+    assert endpoint.requests[0]["headers"]["Accept"] == "text/event-stream"
+
+
+def test_streaming_yields_an_update_per_piece(endpoint):
+    endpoint.script = [Reply(body=sse("Bill", " Gates", "."), headers=SSE)]
+    assert stream_texts(client(endpoint)) == ["Bill", " Gates", ".", ""]
+
+    async def final() -> tuple[str, str]:
+        agent = Agent(client(endpoint), "Be brief.")
+        stream = agent.run("Who founded Microsoft?", stream=True)
+        texts = [update.text async for update in stream]
+        return "".join(texts), (await stream.get_final_response()).text
+
+    assert asyncio.run(final()) == ("Bill Gates.", "Bill Gates.")
+
+
+def test_stream_cut_mid_answer_raises(endpoint):
+    endpoint.script = [Reply(body=sse("Bill", done=False), headers=SSE)]
+    with pytest.raises(EndpointError, match="without its final 'done' event: the answer is incomplete"):
+        stream_texts(client(endpoint))
+    endpoint.script = [Reply(body=[*sse("Bill", done=False), 'event: error\ndata: {"message": "engine stopped", "status": 503}\n\n'], headers=SSE)]
+    with pytest.raises(EndpointError, match="failed after streaming 4 characters \\(HTTP 503\\): engine stopped") as info:
+        stream_texts(client(endpoint))
+    assert info.value.status == 503 and SECRET not in str(info.value)
+
+
+def test_stopping_a_stream_early_drops_the_connection(endpoint):
+    endpoint.script = [Reply(body=sse(*[f" w{i}" for i in range(40)]), headers=SSE, gap=0.05)]
+    assert stream_texts(client(endpoint), stop_after=1) == [" w0"]
+    deadline = time.monotonic() + 10
+    while not endpoint.disconnects and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert endpoint.disconnects == 1
 
 
 @pytest.mark.parametrize(("options", "expected"), [({"seed": 1}, "does not support the option.*seed"), ({"tools": [lambda: 1]}, "cannot call tools")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from promptflow.connections import CustomConnection
 from promptflow.core import tool
 
@@ -18,8 +20,14 @@ def chat(
     temperature: float = 0.7,
     top_p: float = 1.0,
     max_new_tokens: int = 128,
-) -> str:
-    """Send the question and the chat history to the endpoint and return the model's answer."""
+    stream: bool = False,
+) -> str | Iterator[str]:
+    """Send the question and the chat history to the endpoint and return the model's answer.
+
+    With `stream`, return a generator of text pieces instead: Prompt Flow streams it to the chat UI
+    (`pf flow test --interactive`, VS Code, Foundry) and joins it elsewhere.
+    """
     client = get_client(*endpoint_and_key(connection))
     messages = to_messages(input_data, chat_history, system_prompt)
-    return client.chat(messages, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    ask = client.chat_stream if stream else client.chat
+    return ask(messages, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
