@@ -144,6 +144,27 @@ def test_a_key_sent_in_the_query_string_is_not_logged(served):
     assert leaked not in text and SECRET not in text  # ...without the query string
 
 
+@pytest.mark.e2e
+@pytest.mark.model
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(served):
+    endpoint, _ = served
+    sock = socket.create_connection((HOST, endpoint.port))
+    sock.sendall(f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {SECRET}\r\n"
+                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    chunk = b"100000\r\n" + b"[" * (1 << 20) + b"\r\n"
+    sent = 0
+    try:
+        for sent in range(1, 65):  # 64 MiB offered
+            sock.sendall(chunk)
+    except OSError:
+        pass  # the server answered and closed the connection: it read no further
+    sock.settimeout(30)
+    status = sock.recv(200).split(b"\r\n", 1)[0]
+    sock.close()
+    assert status.startswith(b"HTTP/1.1 413")
+    assert sent < 64
+
+
 # --- the server dies with `serve`, and `serve` refuses a port another server holds -----------------------
 
 def _serve(port: int, **env: str) -> subprocess.Popen:
