@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import requests
+from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER
 
 from phi3flow.client import EndpointError, get_client
 from phi3flow.connect import read_connection
@@ -32,8 +33,6 @@ from phi3flow.evaluation.metrics import (CORPUS_METRICS, METRICS, SIGNIFICANCE, 
 
 LATENCY = "latency_s"  # per-line seconds, lower is better; compared like the quality metrics
 FLOOR = "floor"  # the no-model baseline's column
-BATCH_INVARIANT_HEADER = "x-phi3flow-batch-invariant"  # "true": the server's greedy answers never depend on the batch
-BATCH_SIZE_HEADER = "x-phi3flow-batch-size"  # most sequences decoded together while an answer was generated
 GREEDY = {"temperature": 0.0, "top_p": 1.0}  # the decoding every line is asked with
 DIFFERING_LINES = 5
 
