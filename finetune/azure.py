@@ -1,8 +1,12 @@
 """`phi3flow azure`: fine-tune, register and deploy on Azure Machine Learning from the specs in azureml/.
 
 The YAML specs are the source of truth (they work with `az ml ... --file` too); this module only loads
-them with azure-ai-ml's own loaders, fills in what is known at run time (job name, data files, SKU) and
+them with azure-ai-ml's own loaders, fills in what is known at run time (model, job name, data files, SKU) and
 sends them. `--dry-run` stops before anything needs credentials, so CI validates every spec offline.
+
+There is no route through the azureml registry's `chat_completion_pipeline` component: the catalog no longer
+fine-tunes any of these models (azureml-assets: Phi-3-mini-4k and Phi-3.5-mini archived, fine-tuning retired
+2025-08-30; no registry model for Phi-4-mini-instruct, only Foundry Local builds).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from phi3flow.finetune.config import load_config
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -27,14 +34,31 @@ SPECS: dict[str, str] = {
     "data-train.yml": "load_data",
     "data-test.yml": "load_data",
     "finetune-job.yml": "load_job",
-    "chat-completion-pipeline.yml": "load_job",
     "model.yml": "load_model",
     "inference-environment.yml": "load_environment",
     "endpoint.yml": "load_online_endpoint",
     "deployment.yml": "load_online_deployment",
 }
-# --registry-pipeline -> the fine-tuning job spec of that route
-JOB_SPECS = {False: "finetune-job.yml", True: "chat-completion-pipeline.yml"}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What `--model` selects: the shipped training config (its `model` is the hub id) and the serving context cap."""
+
+    config: str
+    # PHI3FLOW_MAX_CONTEXT of the deployment (read by deploy/phi3serve/model.py): the tokens whose bf16 KV cache
+    # (layers x 2 x key-value heads x head dim x 2 bytes per token) is a full 4,096-token Phi-3-mini request's,
+    # 1.5 GiB, the per-request load deployment.yml's batch and queue sizes were set for. Derived, not measured.
+    max_context: int
+
+
+MODELS = {
+    "phi3-mini": ModelChoice("phi3-mini-qlora", 4096),  # 384 KiB/token (32 key-value heads x 96): its own 4k
+    "phi35-mini": ModelChoice("phi35-mini-qlora", 4096),  # Phi-3-mini's layers, 384 KiB/token: 4k of its 128k
+    "phi4-mini": ModelChoice("phi4-mini-qlora", 12288),  # 8 key-value heads x 128, 128 KiB/token: 12k of its 128k
+}
+DEFAULT_MODEL = "phi3-mini"  # what the specs in azureml/ hold as they are
+CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 WORKSPACE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME")
 JOB_PLACEHOLDER = "JOB_NAME"  # stands for the job's name until `register --job-name` gives it
 ARM_SCOPE = "https://management.azure.com/.default"
@@ -83,38 +107,49 @@ def _require_file(entity: Any, folder: str, file: str, why: str) -> None:
         raise SetupError(f"{path} not found: {why}")
 
 
+def registered_name(model: str) -> str:
+    """The name a model's fine-tuned adapter is registered under (model.yml holds the default model's)."""
+    return f"{model}-ultrachat"
+
+
 def plan_finetune(args: argparse.Namespace) -> list[Action]:
     """Cluster, training environment, the two data assets, then the job that reads them."""
-    job_spec = JOB_SPECS[args.registry_pipeline]
-    job = load_spec(job_spec)
-    if not args.registry_pipeline:
-        _require_file(job, job.code, "pyproject.toml", "the job's code must be a phi3flow source checkout")
-        if args.max_steps is not None:
-            job.command = f"{job.command} --max-steps {args.max_steps}"
+    name = MODELS[args.model].config
+    job = load_spec("finetune-job.yml", [
+        {"inputs.config": name}, {"display_name": f"{name}-ultrachat"},
+        {"description": f"QLoRA fine-tune of {load_config(name).model} on ultrachat_200k (finetune/configs/{name}.yaml)."},
+    ])
+    _require_file(job, job.code, "pyproject.toml", "the job's code must be a phi3flow source checkout")
+    if args.max_steps is not None:
+        job.command = f"{job.command} --max-steps {args.max_steps}"
     data = [
         (spec, load_spec(spec, [{"path": str(Path(path).resolve())}] if path else []))
         for spec, path in (("data-train.yml", args.train_file), ("data-test.yml", args.test_file))
     ]
     return [("compute.yml", load_spec("compute.yml")), ("train-environment.yml", load_spec("train-environment.yml")),
-            *data, (job_spec, job)]
+            *data, ("finetune-job.yml", job)]
 
 
 def plan_register(args: argparse.Namespace) -> list[Action]:
-    """The job's single output folder as a model of that output's type."""
-    job_spec = JOB_SPECS[args.registry_pipeline]
-    ((output, port),) = load_spec(job_spec).outputs.items()
+    """The job's single output folder as a model of that output's type, named for the model it tunes."""
+    ((output, port),) = load_spec("finetune-job.yml").outputs.items()
     path = f"azureml://jobs/{args.job_name or JOB_PLACEHOLDER}/outputs/{output}"
-    model = load_spec("model.yml", [{"path": path}, {"type": port.type}])
-    return [(f"model.yml, output '{output}' of {job_spec}", model)]
+    hub = load_config(MODELS[args.model].config).model
+    model = load_spec("model.yml", [{"path": path}, {"type": port.type}, {"name": registered_name(args.model)},
+                                    {"description": f"{hub} fine-tuned on ultrachat_200k by phi3flow: a LoRA adapter."}])
+    return [(f"model.yml, output '{output}' of finetune-job.yml", model)]
 
 
 def plan_deploy(args: argparse.Namespace) -> list[Action]:
-    """Inference environment, endpoint, deployment, then 100% of the endpoint's traffic to it."""
-    overrides: list[dict[str, Any]] = [{"endpoint_name": args.endpoint_name}] if args.endpoint_name else []
+    """Inference environment, endpoint, deployment of the model's adapter with its context cap, then 100% of the
+    endpoint's traffic to it."""
+    version = f":{args.model_version}" if args.model_version else "@latest"
+    overrides: list[dict[str, Any]] = [{"model": f"azureml:{registered_name(args.model)}{version}"},
+                                       {f"environment_variables.{CONTEXT_ENV}": str(MODELS[args.model].max_context)}]
+    if args.endpoint_name:
+        overrides.append({"endpoint_name": args.endpoint_name})
     if args.instance_type:
         overrides.append({"instance_type": args.instance_type})
-    if args.model_version:
-        overrides.append({"model": f"azureml:{load_spec('model.yml').name}:{args.model_version}"})
     deployment = load_spec("deployment.yml", overrides)
     code = deployment.code_configuration
     _require_file(deployment, code.code, code.scoring_script, "the deployment's scoring script")
@@ -229,14 +264,13 @@ def _send(client: MLClient, entity: Any) -> Any:
 
 
 def report_finetune(client: MLClient, created: Any, args: argparse.Namespace) -> None:
-    route = " --registry-pipeline" if args.registry_pipeline else ""
     print(f"submitted job {created.name}: {created.studio_url}")
-    print(f"when it has completed: phi3flow azure register{route} --job-name {created.name}")
+    print(f"when it has completed: phi3flow azure register --model {args.model} --job-name {created.name}")
 
 
 def report_register(client: MLClient, created: Any, args: argparse.Namespace) -> None:
     print(f"registered model {created.name}:{created.version}")
-    print(f"next: phi3flow azure deploy --model-version {created.version}")
+    print(f"next: phi3flow azure deploy --model {args.model} --model-version {created.version}")
 
 
 def report_deploy(client: MLClient, created: Any, args: argparse.Namespace) -> None:
@@ -273,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dry-run", action="store_true",
                          help="validate the specs and print what would be created; needs no credentials")
         sub.add_argument("--client-id", help="client id of a user-assigned managed identity to authenticate with")
-        if name in ("finetune", "register"):
-            sub.add_argument("--registry-pipeline", action="store_true",
-                             help="the azureml registry's chat_completion_pipeline route instead of phi3flow finetune")
+        sub.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                         help=f"which Phi model (default {DEFAULT_MODEL}): its shipped config finetune/configs/"
+                         "<model>-qlora.yaml, its registered name <model>-ultrachat, its deployment's context cap")
         if name == "finetune":
             sub.add_argument("--train-file", help="training JSONL to upload (default: data/train_data.jsonl)")
             sub.add_argument("--test-file", help="test JSONL to upload (default: data/test_data.jsonl)")
@@ -290,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "max_steps", None) is not None and args.registry_pipeline:
-        raise SetupError("--max-steps applies to phi3flow finetune, not to --registry-pipeline")
     plan, report, _ = COMMANDS[args.command]
     actions = plan(args)
     missing = missing_data(actions)

@@ -32,7 +32,6 @@ from azure.ai.ml.entities import (  # noqa: E402
     ManagedOnlineDeployment,
     ManagedOnlineEndpoint,
     Model,
-    PipelineJob,
 )
 from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
@@ -47,7 +46,6 @@ ENTITY_TYPES: dict[str, type] = {
     "data-train.yml": Data,
     "data-test.yml": Data,
     "finetune-job.yml": Command,
-    "chat-completion-pipeline.yml": PipelineJob,
     "model.yml": Model,
     "inference-environment.yml": Environment,
     "endpoint.yml": ManagedOnlineEndpoint,
@@ -224,10 +222,6 @@ def test_specs_name_each_other_consistently() -> None:
     assert ref_name(deployment.environment) == spec("inference-environment.yml").name
     assert ref_name(deployment.model) == spec("model.yml").name
     assert deployment.endpoint_name == spec("endpoint.yml").name
-    pipeline = spec("chat-completion-pipeline.yml")
-    assert pipeline.inputs["compute"]._data == spec("compute.yml").name
-    assert ref_name(pipeline.inputs["train_file_path"].path) == spec("data-train.yml").name
-    assert ref_name(pipeline.inputs["test_file_path"].path) == spec("data-test.yml").name
 
 
 def test_endpoint_uses_key_auth() -> None:
@@ -248,12 +242,12 @@ def test_job_runs_phi3flow_finetune_on_the_data_assets() -> None:
     assert command[:2] == ["phi3flow", "finetune"]
     flags = dict(zip(command[2::2], command[3::2]))
     assert flags == {
-        "--config": "finetune/configs/phi3-mini-qlora.yaml",
+        "--config": "${{inputs.config}}",
         "--train-file": "${{inputs.train_data}}",
         "--test-file": "${{inputs.test_data}}",
         "--output-dir": "${{outputs.model}}",
     }
-    assert (REPO / flags["--config"]).is_file()
+    assert (REPO / "finetune" / "configs" / f"{job.inputs['config']._data}.yaml").is_file()
 
 
 def test_job_command_parses_with_phi3flow_finetune() -> None:
@@ -261,10 +255,10 @@ def test_job_command_parses_with_phi3flow_finetune() -> None:
     pytest.importorskip("transformers")
     from phi3flow.finetune.train import build_parser
 
-    job = azure.plan_finetune(args("finetune", "--max-steps", "3"))[-1][1]
-    argv = shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", job.command.split("&&")[-1]))[2:]
-    parsed = build_parser().parse_args(argv)
-    assert parsed.config == "finetune/configs/phi3-mini-qlora.yaml"
+    job = azure.plan_finetune(args("finetune", "--model", "phi4-mini", "--max-steps", "3"))[-1][1]
+    command = job.command.split("&&")[-1].replace("${{inputs.config}}", job.inputs["config"]._data)
+    parsed = build_parser().parse_args(shlex.split(re.sub(r"\$\{\{[^}]*\}\}", "X", command))[2:])
+    assert parsed.config == "phi4-mini-qlora"
     assert (str(parsed.output_dir), parsed.max_steps) == ("X", 3)
 
 
@@ -275,13 +269,20 @@ def test_model_registers_the_job_output() -> None:
     assert model.path == f"azureml://jobs/{azure.JOB_PLACEHOLDER}/outputs/{output}"
 
 
-def test_registry_pipeline_route_uses_chat_completion_pipeline() -> None:
-    pipeline = spec("chat-completion-pipeline.yml")
-    node = pipeline.jobs["chat_completion_pipeline"]
-    assert node.component == "azureml://registries/azureml/components/chat_completion_pipeline/labels/latest"
-    assert pipeline.inputs["mlflow_model_path"].path.startswith("azureml://registries/azureml/models/Phi-3-mini")
-    assert node.inputs["number_of_gpu_to_use_finetuning"]._data == 1  # Standard_NC24ads_A100_v4 has one GPU
-    assert pipeline.outputs["trained_model"].type == "mlflow_model"
+def test_specs_as_written_are_the_default_models() -> None:
+    """The specs work as they are (`az ml ... --file`) for the default model; --model only overrides them."""
+    default = azure.MODELS[azure.DEFAULT_MODEL]
+    assert spec("finetune-job.yml").inputs["config"]._data == default.config
+    assert spec("model.yml").name == azure.registered_name(azure.DEFAULT_MODEL)
+    assert spec("deployment.yml").environment_variables[azure.CONTEXT_ENV] == str(default.max_context)
+    assert not (SPEC_DIR / "chat-completion-pipeline.yml").exists()  # the catalog fine-tunes none of the models
+
+
+def test_context_cap_is_the_variable_the_server_reads() -> None:
+    pytest.importorskip("torch")
+    from phi3serve.model import MAX_CONTEXT_ENV
+
+    assert azure.CONTEXT_ENV == MAX_CONTEXT_ENV
 
 
 # --- the plans: entities as the commands would send them --------------------------------------------
@@ -296,16 +297,31 @@ def test_finetune_plan_with_overrides(tmp_path: Path) -> None:
     assert actions[-1][1].command.endswith("--output-dir ${{outputs.model}} --max-steps 5")
 
 
-def test_finetune_plan_registry_route() -> None:
-    actions = azure.plan_finetune(args("finetune", "--registry-pipeline"))
-    assert isinstance(actions[-1][1], PipelineJob)
+@pytest.mark.parametrize(("model", "hub"), [("phi3-mini", "Phi-3-mini-4k-instruct"),
+                                           ("phi35-mini", "Phi-3.5-mini-instruct"), ("phi4-mini", "Phi-4-mini-instruct")])
+def test_each_model_has_its_job_name_and_context_cap(model: str, hub: str) -> None:
+    job = azure.plan_finetune(args("finetune", "--model", model))[-1][1]
+    assert job.inputs["config"]._data == f"{model}-qlora" and f"microsoft/{hub} " in job.description
+    ((_, registered),) = azure.plan_register(args("register", "--model", model, "--job-name", "brave_lemon_42"))
+    assert (registered.name, registered.type) == (f"{model}-ultrachat", "custom_model")
+    assert registered.path == "azureml://jobs/brave_lemon_42/outputs/model" and hub in registered.description
+    deployment = azure.plan_deploy(args("deploy", "--model", model))[2][1]
+    assert ref_name(deployment.model) == f"{model}-ultrachat" and deployment.model.endswith("@latest")
+    assert deployment.environment_variables[azure.CONTEXT_ENV] == str(azure.MODELS[model].max_context)
+    assert deployment.environment_variables["PHI3FLOW_MAX_BATCH"] == "64"  # the rest of the spec is kept
 
 
-@pytest.mark.parametrize(("route", "output", "kind"), [((), "model", "custom_model"),
-                                                      (("--registry-pipeline",), "trained_model", "mlflow_model")])
-def test_register_plan_points_at_the_job_output(route: tuple[str, ...], output: str, kind: str) -> None:
-    ((_, model),) = azure.plan_register(args("register", "--job-name", "brave_lemon_42", *route))
-    assert (model.path, model.type) == (f"azureml://jobs/brave_lemon_42/outputs/{output}", kind)
+def test_dry_run_shows_what_the_model_changes(offline: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = {}
+    for model in ("phi3-mini", "phi4-mini"):
+        for command in ("finetune", "register", "deploy"):
+            assert azure.main([command, "--model", model, "--dry-run"]) == 0
+        outputs[model] = capsys.readouterr().out
+    changed = set(outputs["phi4-mini"].splitlines()) - set(outputs["phi3-mini"].splitlines())
+    text = "\n".join(changed)
+    for expected in ("config: phi4-mini-qlora", "microsoft/Phi-4-mini-instruct", "phi4-mini-ultrachat",
+                     "PHI3FLOW_MAX_CONTEXT: '12288'"):
+        assert expected in text, (expected, text)
 
 
 def test_deploy_plan_routes_all_traffic_to_the_deployment() -> None:
@@ -322,7 +338,7 @@ def test_deploy_plan_routes_all_traffic_to_the_deployment() -> None:
 # --- the command line ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["finetune"], ["finetune", "--registry-pipeline"], ["register"], ["deploy"]])
+@pytest.mark.parametrize("argv", [["finetune"], ["finetune", "--model", "phi4-mini"], ["register"], ["deploy"]])
 def test_dry_run_is_offline(argv: list[str], offline: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert azure.main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out

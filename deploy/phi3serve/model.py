@@ -17,6 +17,9 @@ log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, s
 
 BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base model
 DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
+# Caps the context the server accepts (prompt + max_new_tokens) below the model's own: a 128k-token model would
+# otherwise let every request grow a KV cache the GPU cannot hold for many requests (deployment.yml sets it per model).
+MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
 _SENTINEL = "phi3flow-sentinel-answer"
 
@@ -74,7 +77,7 @@ class ChatModel:
     def __init__(self, model: Any, tokenizer: Any, end_of_turn: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.context = _capped(int(getattr(model.config, "max_position_embeddings", 0) or 4096))
         self.stop_ids = self._stop_ids(end_of_turn)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.device = next(model.parameters()).device
@@ -157,6 +160,18 @@ class ChatModel:
     def text(self, tokens: list[int]) -> str:
         """The answer text of generated tokens (stop tokens and other special tokens left out)."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def _capped(model_context: int) -> int:
+    """The model's context, capped by $PHI3FLOW_MAX_CONTEXT when that is set."""
+    value = os.environ.get(MAX_CONTEXT_ENV)
+    if value is None:
+        return model_context
+    if not value.isdigit() or int(value) < 1:
+        raise RuntimeError(f"{MAX_CONTEXT_ENV} must be a whole number >= 1, got {value!r}")
+    if int(value) < model_context:
+        log.info("Context capped at %s tokens by %s (the model's own: %d)", value, MAX_CONTEXT_ENV, model_context)
+    return min(model_context, int(value))
 
 
 def _read_json(path: Path) -> dict | None:
