@@ -232,6 +232,8 @@ def test_context_cap_bounds_what_the_server_accepts(tiny, monkeypatch: pytest.Mo
     long = [{"role": "user", "content": "word " * 40}]
     with pytest.raises(BadRequest, match="needs more than"):
         model.encode(long, max_new_tokens=8)
+    with pytest.raises(BadRequest, match="below the context this server accepts, 48 tokens"):
+        model.encode([{"role": "user", "content": "Hi"}], max_new_tokens=48)
     monkeypatch.setenv(MAX_CONTEXT_ENV, "10" + "0" * 9)  # above the model's own: no effect
     assert ChatModel.load(folder).context == PUBLISHED[tiny[0]]["max_position_embeddings"] // SHRINK
     monkeypatch.setenv(MAX_CONTEXT_ENV, "lots")

@@ -129,7 +129,7 @@ class ChatModel:
         """
         budget = self.context - max_new_tokens
         if budget <= 0:
-            raise BadRequest(f"parameters.max_new_tokens must be below the model's context of {self.context} tokens")
+            raise BadRequest(f"parameters.max_new_tokens must be below the context this server accepts, {self.context} tokens")
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
         starts = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
