@@ -229,6 +229,9 @@ def test_context_cap_bounds_what_the_server_accepts(tiny, monkeypatch: pytest.Mo
     monkeypatch.setenv(MAX_CONTEXT_ENV, "48")
     model = ChatModel.load(folder)
     assert model.context == 48
+    # a padded vocabulary row the tokenizer has no token for, if ever generated, adds nothing to the answer
+    lima = model.tokenizer("Lima", add_special_tokens=False)["input_ids"]
+    assert model.text([*lima, model.model.config.vocab_size - 1]) == "Lima"
     long = [{"role": "user", "content": "word " * 40}]
     with pytest.raises(BadRequest, match="needs more than"):
         model.encode(long, max_new_tokens=8)
