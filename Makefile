@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/hostile_clients.py
 	$(PY) bench/interrupted_eval.py
+	$(PY) bench/stream.py
 
 flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .

@@ -13,6 +13,7 @@ come; retries apply only until the stream starts, and any later failure raises `
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import logging
@@ -118,7 +119,8 @@ class EndpointClient:
                 return
             sent = ""
             try:
-                for event in parse_sse(_arrivals(response)):
+                events = parse_sse(_arrivals(response))
+                for event in events:
                     if event.type == DELTA_EVENT:
                         piece = self._event_field(event, "text", sent)
                         if piece:
@@ -126,6 +128,9 @@ class EndpointClient:
                             yield piece
                     elif event.type == DONE_EVENT:
                         yield from self._rest_of_answer(self._event_field(event, "output", sent), sent)
+                        with contextlib.suppress(requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
+                            for _ in events:  # the body's end, so the connection goes back to the pool
+                                pass
                         return
                     elif event.type == ERROR_EVENT:
                         raise self._stream_error(event, sent)

@@ -201,6 +201,18 @@ def test_agent_keeps_the_conversation_on_the_embedded_model(local_client):
     assert "France" in asyncio.run(agent.run(history, session=session)).text
 
 
+@pytest.mark.model
+def test_agent_streams_the_answer_it_gives_whole_on_the_embedded_model(local_client):
+    options = {"temperature": 0.0, "max_tokens": 48}
+
+    async def streamed() -> list[str]:
+        return [update.text async for update in Agent(local_client, "Be brief.", default_options=options).run("Who founded Microsoft?", stream=True)]
+
+    pieces = [text for text in asyncio.run(streamed()) if text]
+    assert len(pieces) > 1
+    assert "".join(pieces) == run_agent(local_client, "Who founded Microsoft?", **options)
+
+
 def test_evaluation_via_agent_matches_the_direct_path(endpoint, tmp_path, monkeypatch):
     """`phi3flow eval --via agent` sends what the Prompt Flow tool's client sends, and scores it the same."""
     import json

@@ -4,18 +4,29 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
+import requests
 from hypothesis import given
 from hypothesis import strategies as st
 from promptflow.connections import CustomConnection
 
-from conftest import SECRET, Reply
-from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse
+from conftest import REPO, SECRET, Reply
+from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse, to_messages
+from phi3flow.offline import pf_executable, stop_pf_service
+from phi3flow.serve import free_port
 from phi3flow.tools.chat_endpoint import chat
-from phi3serve.contract import STREAM_MEDIA_TYPE
+from phi3serve.contract import BATCH_SIZE_HEADER, STREAM_MEDIA_TYPE
 
 USER = [{"role": "user", "content": "Who founded Microsoft?"}]
 SSE = {"Content-Type": f"{STREAM_MEDIA_TYPE}; charset=utf-8"}
@@ -190,3 +201,172 @@ def test_tool_streams_only_when_asked(endpoint):
     assert not isinstance(answer, str)
     assert list(answer) == ["pie", "ces"]
     assert endpoint.requests[1]["headers"]["Accept"] == STREAM_MEDIA_TYPE
+
+
+# --- against the real `phi3flow serve` (azmlinfsrv + deploy/score.py, embedded model) ---
+
+QUESTIONS = ["Who founded Microsoft?", "What is the capital of France?", "Name three primary colors."]
+LONG = [{"role": "user", "content": "Count from 1 to 400, separated by commas."}]  # an answer far longer than the tests wait
+
+
+@pytest.fixture(scope="module")
+def served(embedded_dir, tmp_path_factory):
+    from phi3flow.serve import LocalEndpoint
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with LocalEndpoint(embedded_dir, key=SECRET, log_file=log) as local:
+        yield local
+    assert SECRET not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def real(served) -> EndpointClient:
+    return EndpointClient(served.url, served.key)
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_streamed_answer_equals_the_json_answer_when_greedy(real, question):
+    messages = [{"role": "user", "content": question}]
+    pieces = list(real.chat_stream(messages, temperature=0.0, max_new_tokens=48))
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == real.chat(messages, temperature=0.0, max_new_tokens=48)
+
+
+def batch_size(served) -> int:
+    """The most sequences the server decoded together while answering one short request."""
+    response = requests.post(served.url, json={"input_data": {"input_string": USER, "parameters": {"temperature": 0, "max_new_tokens": 4}}},
+                             headers={"Authorization": f"Bearer {served.key}"}, timeout=120)
+    assert response.status_code == 200, response.text
+    return int(response.headers[BATCH_SIZE_HEADER])
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_a_client_that_leaves_frees_its_batch_slot(real, served):
+    """A long answer still being read shares the batch with a short request; once its reader leaves, it does not."""
+    reading = real.chat_stream(LONG, temperature=0.0, max_new_tokens=1000)
+    assert next(reading)
+    assert batch_size(served) == 2  # the long answer is being generated beside it
+    reading.close()
+    deadline = time.monotonic() + 60
+    while (size := batch_size(served)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert size == 1
+
+
+class CuttingProxy:
+    """A TCP proxy to `url` for one request: it forwards the answer's first `cut_after` bytes, then resets both connections."""
+
+    def __init__(self, url: str, cut_after: int) -> None:
+        self.upstream = urlsplit(url)
+        self.cut_after = cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = url.replace(self.upstream.netloc, f"127.0.0.1:{self.listener.getsockname()[1]}")
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += client.recv(4096)
+        length = int(re.search(rb"content-length:\s*(\d+)", request, re.IGNORECASE).group(1))
+        while len(request.partition(b"\r\n\r\n")[2]) < length:
+            request += client.recv(4096)
+        server = socket.create_connection((self.upstream.hostname, self.upstream.port))
+        server.sendall(request)
+        forwarded = 0
+        while forwarded < self.cut_after and (data := server.recv(min(4096, self.cut_after - forwarded))):
+            client.sendall(data)
+            forwarded += len(data)
+        time.sleep(0.5)  # the client reads what came before the reset (a reset drops unread data)
+        for sock in (client, server):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_connection_lost_mid_stream_on_the_real_server_is_an_error(served):
+    proxy = CuttingProxy(served.url, cut_after=600)  # the head and the first few events
+    try:
+        pieces = []
+        with pytest.raises(EndpointError) as info:
+            for piece in EndpointClient(proxy.url, served.key, retries=0, read_timeout=60).chat_stream(LONG, temperature=0.0, max_new_tokens=200):
+                pieces.append(piece)
+    finally:
+        proxy.close()
+    assert pieces, "the cut came before the first piece: raise cut_after"
+    assert f"broke after {len(''.join(pieces))} characters (connection broken): the answer is incomplete" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+# --- the chat flow with stream on: `pf flow test`, and `pf flow serve` as the chat UI and Foundry call it ---
+
+def pf(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([pf_executable(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def connection(served):
+    result = pf("connection", "create", "-f", "connections/phi3_endpoint.yaml",
+                "--set", f"configs.endpoint={served.url}", f"secrets.key={served.key}")
+    assert result.returncode == 0, result.stderr
+    yield "phi3_endpoint"
+    stop_pf_service()
+
+
+def flow_answer(real: EndpointClient, question: str) -> str:
+    """What the chat flow's node asks for (flows/chat/flow.dag.yaml), as one JSON answer."""
+    return real.chat(to_messages(question), temperature=0.0, top_p=1.0, max_new_tokens=128)
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_pf_flow_test_with_stream_on_gives_the_whole_answer(connection, real):
+    result = pf("flow", "test", "--flow", "flows/chat", "--inputs", "input_data=Who founded Microsoft?", "stream=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((REPO / "flows/chat/.promptflow/flow.output.json").read_text())["answer"] == flow_answer(real, "Who founded Microsoft?")
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_served_chat_flow_streams_pieces_to_the_chat_ui(connection, real, tmp_path):
+    """`pf flow serve` (the app behind the chat UI and a Foundry deployment) sends the tool's pieces as events."""
+    flow = tmp_path / "chat"
+    shutil.copytree(REPO / "flows/chat", flow, ignore=shutil.ignore_patterns(".promptflow", "__pycache__", "*.whl"))
+    port = free_port()
+    with (tmp_path / "serve.log").open("w") as log:
+        process = subprocess.Popen([pf_executable(), "flow", "serve", "--source", str(flow), "--host", "127.0.0.1", "--port", str(port),
+                                    "--skip-open-browser"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while not _healthy(f"{url}/health"):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        question = "What is the capital of France?"
+        with requests.post(f"{url}/score", json={"input_data": question, "stream": True}, headers={"Accept": STREAM_MEDIA_TYPE},
+                           stream=True, timeout=300) as response:
+            assert response.status_code == 200 and response.headers["Content-Type"].startswith(STREAM_MEDIA_TYPE)
+            pieces = [json.loads(event.data)["answer"] for event in parse_sse(response.iter_content(chunk_size=None))]
+        assert len(pieces) > 1
+        assert "".join(pieces) == flow_answer(real, question)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False
