@@ -1,23 +1,31 @@
 """AzureML scoring script: the endpoint contract over a chat model, with an optional LoRA adapter.
 
 Runs unchanged in a managed online deployment and locally under `azmlinfsrv` (see `phi3flow serve`).
-This file is the thin entry (init, run, auth); the contract, model loading and the generation engines
-are the `phi3serve` modules beside it (azmlinfsrv puts this folder on `sys.path`).
+This file is the thin entry (init, run, auth, streaming); the contract, model loading and the generation
+engines are the `phi3serve` modules beside it (azmlinfsrv puts this folder on `sys.path`).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
-from typing import Any
+import signal
+import threading
+import time
+from queue import Empty, Queue
+from typing import Any, Iterator
 
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
+from flask import Response
+from werkzeug.exceptions import ClientDisconnected
 
-from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, KEY_ENV, MAX_BODY_BYTES, TRUNCATED_HEADER,
-                                ServingError, Unavailable, parse_request)
-from phi3serve.engine import Engine, ask, engine_for
+from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT, KEY_ENV,
+                                MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest, ServingError,
+                                Unavailable, parse_request)
+from phi3serve.engine import Answer, Engine, Job, engine_for
 from phi3serve.model import ChatModel
 
 log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
@@ -27,16 +35,19 @@ MAX_BATCH_ENV, MAX_QUEUE_ENV, BATCH_WAIT_ENV = "PHI3FLOW_MAX_BATCH", "PHI3FLOW_M
 # Seconds a request may take before the server stops its generation: match request_timeout_ms of the deployment,
 # since AzureML's gateway answers 408 at that point while the container would otherwise keep generating.
 TIMEOUT_ENV = "PHI3FLOW_REQUEST_TIMEOUT_S"
+MAX_NEW_TOKENS_ENV = "PHI3FLOW_MAX_NEW_TOKENS"  # the most new tokens one request may ask for
+WATCHDOG_S = 2.0
 
 _model: ChatModel | None = None
 _engine: Engine | None = None
 _key: bytes | None = None
 _timeout_s: float = 90.0
+_max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
 
 
 def init() -> None:
     """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR, start the engine."""
-    global _model, _key, _engine, _timeout_s
+    global _model, _key, _engine, _timeout_s, _max_new_tokens
     key = os.environ.get(KEY_ENV)
     if key is not None and (not key.strip() or key != key.strip()):
         raise RuntimeError(f"{KEY_ENV} is empty or has surrounding whitespace: give the key exactly, or unset it")
@@ -45,11 +56,22 @@ def init() -> None:
     if not model_dir:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
     _timeout_s = float(_env_int(TIMEOUT_ENV, 90))
+    _max_new_tokens = _env_int(MAX_NEW_TOKENS_ENV, _max_new_tokens)
     _model = ChatModel.load(model_dir)
-    _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 64),
+    _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 8),
                          wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
-    log.info("Model ready (%s engine, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype,
-             _model.device, _model.context)
+    threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
+    log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
+             _model.context)
+
+
+def watchdog(engine: Engine, period_s: float = WATCHDOG_S) -> None:
+    """When the engine can no longer serve, end this worker: the server starts a fresh one (and Azure's liveness
+    probe sees the restart), instead of a worker that says Healthy while every request fails."""
+    while engine.healthy():
+        time.sleep(period_s)
+    log.critical("The generation engine stopped; restarting this worker")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,21 +90,88 @@ def _authorized(header: str | None) -> bool:
     return hmac.compare_digest(token.strip().encode(), _key) and scheme.lower() == "bearer"
 
 
+def submit(body: bytes, stream: bool = False) -> tuple[Job, int]:
+    """Validate, encode and queue a request: (job, turns dropped). Raises ServingError."""
+    if _engine is None or not _engine.healthy():
+        raise Unavailable("the generation engine is not running; the server is restarting")
+    request = parse_request(body)
+    if request.params.max_new_tokens > _max_new_tokens:
+        raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
+                         f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}")
+    ids, dropped = _model.encode(request.messages, request.params.max_new_tokens)
+    job = Job(ids, request.params, deadline=time.monotonic() + _timeout_s, stream=Queue() if stream else None)
+    _engine.submit(job)
+    return job, dropped
+
+
+def _headers(dropped: int, answer: Answer | None = None) -> dict[str, str]:
+    headers = {BATCH_INVARIANT_HEADER: "true" if _engine.batch_invariant else "false"}
+    if answer is not None:
+        headers[BATCH_SIZE_HEADER] = str(answer.batch_size)
+    if dropped:
+        headers[TRUNCATED_HEADER] = str(dropped)
+    return headers
+
+
 def score(body: bytes) -> tuple[dict, int, dict[str, str]]:
     """The contract without HTTP: (payload, status, headers). Used by run() and by tests."""
     try:
-        if _engine is None or not _engine.healthy():
-            raise Unavailable("the generation engine is not running; the server is restarting")
-        answer, dropped = ask(_engine, _model, parse_request(body), _timeout_s)
+        job, dropped = submit(body)
+        answer = job.future.result(timeout=_timeout_s + 5)
     except ServingError as exc:
         return {"message": str(exc)}, exc.status, dict(exc.headers)
     except TimeoutError:
         return {"message": f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped"}, 504, {}
-    headers = {BATCH_SIZE_HEADER: str(answer.batch_size),
-               BATCH_INVARIANT_HEADER: "true" if _engine.batch_invariant else "false"}
-    if dropped:
-        headers[TRUNCATED_HEADER] = str(dropped)
-    return {"output": answer.text}, 200, headers
+    return {"output": answer.text}, 200, _headers(dropped, answer)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
+    """Server-sent events of one answer: text deltas as tokens arrive, then `done` (or `error`).
+
+    Deltas are the growing decoded text with surrounding whitespace held back, so they add up to exactly
+    the `output` of the final event (the same text the JSON answer has). A client that goes away ends the
+    generator (GeneratorExit), which cancels the job: its batch slot is freed at the next step.
+    """
+    tokens, sent = list(first), ""
+    try:
+        while True:
+            text = _model.text(tokens)
+            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield _event(DELTA_EVENT, {"text": text[len(sent):]})
+                sent = text
+            if job.future.done() and job.stream.empty():
+                break
+            try:
+                tokens.append(job.stream.get(timeout=0.05))
+                while not job.stream.empty():
+                    tokens.append(job.stream.get_nowait())
+            except Empty:
+                continue
+        answer = job.future.result()
+        yield _event(DONE_EVENT, {"output": answer.text, "truncated_turns": dropped, "batch_size": answer.batch_size,
+                                  "tokens": answer.tokens})
+    except ServingError as exc:
+        yield _event(ERROR_EVENT, {"message": str(exc), "status": exc.status})
+    finally:
+        job.cancel()
+
+
+def _first_tokens(job: Job) -> list[int]:
+    """Wait for the first token (or the end): errors before the stream starts keep their status code."""
+    deadline = time.monotonic() + _timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return [job.stream.get(timeout=0.05)]
+        except Empty:
+            if job.future.done():
+                job.future.result()  # raises the ServingError of a failed generation
+                return []
+    job.cancel()
+    raise ServingError(f"no token within {TIMEOUT_ENV}={_timeout_s:g} s; generation was stopped", status=504)
 
 
 def _json(payload: dict, status: int, headers: dict[str, str] | None = None) -> AMLResponse:
@@ -90,8 +179,8 @@ def _json(payload: dict, status: int, headers: dict[str, str] | None = None) -> 
 
 
 @rawhttp
-def run(request: Any) -> AMLResponse:
-    """Entry point for each request (raw HTTP so errors keep their 4xx status)."""
+def run(request: Any) -> Any:
+    """Entry point for each request (raw HTTP so errors keep their 4xx status; SSE when the client asks for it)."""
     if not _authorized(request.headers.get("Authorization")):
         return _json({"message": "missing or wrong key: send 'Authorization: Bearer <key>'"}, 401, {"WWW-Authenticate": "Bearer"})
     if request.method != "POST":
@@ -99,6 +188,16 @@ def run(request: Any) -> AMLResponse:
     if (request.content_length or 0) > MAX_BODY_BYTES:
         return _json({"message": f"request body is over the {MAX_BODY_BYTES}-byte limit"}, 413)
     # Read at most one byte past the limit, whatever the framing (a chunked body has no Content-Length).
-    body = request.stream.read(MAX_BODY_BYTES + 1)
-    payload, status, headers = score(body)
-    return _json(payload, status, headers)
+    try:
+        body = request.stream.read(MAX_BODY_BYTES + 1)
+    except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
+        return _json({"message": "the request body did not arrive in time: send it whole"}, 408)
+    if STREAM_MEDIA_TYPE not in (request.headers.get("Accept") or ""):
+        return _json(*score(body))
+    try:
+        job, dropped = submit(body, stream=True)
+        first = _first_tokens(job)
+    except ServingError as exc:
+        return _json({"message": str(exc)}, exc.status, dict(exc.headers))
+    headers = {**_headers(dropped), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_events(job, dropped, first), status=200, mimetype=STREAM_MEDIA_TYPE, headers=headers)

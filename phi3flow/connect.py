@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"
+from phi3serve.contract import KEY_ENV  # the key variable's one home (clients and the local server share it)
+
 DEFAULT_NAME = "phi3_endpoint"
 KEY_ON_COMMAND_LINE = ("warning: --key puts the key where every user of this machine can read it (`ps`, /proc) and in "
                        f"your shell history; use ${KEY_ENV} or --key-file instead")

@@ -292,3 +292,115 @@ def test_a_failing_batch_fails_every_request_in_it_and_the_engine_goes_on(model,
     monkeypatch.setattr(engine.decoder, "_prefill", real_prefill)
     assert ask(engine, model, request)[0].text  # the worker survived
     assert engine.healthy()
+
+
+def test_each_row_samples_like_the_transformers_processors():
+    """pick() applies transformers' repetition penalty, temperature and top-p per row: same arithmetic."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from phi3serve.loop import pick
+
+    torch.manual_seed(0)
+    scores, sequences = torch.randn(3, 50), torch.randint(0, 50, (3, 7))
+    settings = torch.tensor([[0.7, 1.0, 1.3, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, 1.0, 0.8, 1.0]])  # all greedy
+    expected = [RepetitionPenaltyLogitsProcessor(p)(sequences[i:i + 1], scores[i:i + 1].clone()).argmax(-1).item()
+                for i, p in enumerate((1.3, 1.0, 0.8))]
+    assert pick(scores.clone(), sequences, settings).tolist() == expected
+    # sampling rows draw only from their own nucleus
+    nucleus = TopPLogitsWarper(0.3)(None, TemperatureLogitsWarper(0.9)(None, scores[:1].clone())) > -float("inf")
+    allowed = set(nucleus.nonzero()[:, 1].tolist())
+    draws = {pick(scores[:1].clone(), sequences[:1], torch.tensor([[0.9, 0.3, 1.0, 0.0]])).item() for _ in range(200)}
+    assert draws <= allowed and len(allowed) > 1
+
+
+@pytest.mark.model
+def test_requests_with_different_settings_share_a_batch_and_a_long_one_holds_no_one_back(fp32_model):
+    """Sampling, penalised and greedy requests decode together; a short greedy request arriving while two long
+    sampled ones run is answered (exactly as alone) before they end."""
+    engine = LoopEngine(fp32_model, max_batch=8)
+    long = parse_request(body([{"role": "user", "content": "Write a long story about rivers."}], temperature=1.5,
+                              repetition_penalty=1.2, max_new_tokens=400))
+    short = parse_request(body([{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_new_tokens=10))
+    alone = ask(LoopEngine(fp32_model, max_batch=1), fp32_model, short)[0].text
+    jobs = [Job(fp32_model.encode(long.messages, 400)[0], long.params) for _ in range(2)]
+    for job in jobs:
+        engine.submit(job)
+    time.sleep(0.5)
+    answer = ask(engine, fp32_model, short)[0]
+    assert answer.text == alone and answer.batch_size == 3
+    assert not all(job.future.done() for job in jobs)  # the long ones are still generating
+
+
+@pytest.mark.model
+def test_server_caps_max_new_tokens_and_bounds_its_queue(served, monkeypatch):
+    monkeypatch.setattr(score, "_max_new_tokens", 64)
+    payload, status, _ = ask_score([{"role": "user", "content": "Hi"}], max_new_tokens=65)
+    assert status == 400 and "at most 64 on this server (PHI3FLOW_MAX_NEW_TOKENS)" in payload["message"]
+
+
+@pytest.mark.model
+def test_the_queue_bound_is_reachable_with_the_default_settings(model):
+    """Default batch 16 + queue 8 is below `phi3flow serve`'s 32 threads: the 25th concurrent request gets 503."""
+    from phi3serve.contract import Busy
+
+    engine = score.engine_for(model, max_batch=16, max_queue=8, wait_s=0.05)
+    request = parse_request(body([{"role": "user", "content": "Write a long story."}], max_new_tokens=2000))
+    ids, _ = model.encode(request.messages, 2000)
+    jobs, refused = [], []
+    for _ in range(32):
+        job = Job(ids, request.params, deadline=time.monotonic() + 20)
+        try:
+            engine.submit(job)
+            jobs.append(job)
+        except Busy as busy:
+            refused.append(busy)
+        time.sleep(0.01)
+    for job in jobs:
+        job.cancel()
+    assert refused and refused[0].status == 503 and refused[0].headers == {"Retry-After": "1"}
+    assert len(jobs) >= 24
+
+
+@pytest.mark.model
+def test_streamed_deltas_add_up_to_the_json_answer(served, model):
+    from phi3serve.contract import DELTA_EVENT, DONE_EVENT
+
+    raw = body([{"role": "user", "content": "Who founded Microsoft?"}], temperature=0, max_new_tokens=24)
+    payload, status, _ = score.score(raw)
+    job, dropped = score.submit(raw, stream=True)
+    events = [line for line in score.stream_events(job, dropped, score._first_tokens(job)) if line]
+    parsed = [(e.split("\n")[0].removeprefix("event: "), json.loads(e.split("\n")[1].removeprefix("data: "))) for e in events]
+    deltas = [data["text"] for name, data in parsed if name == DELTA_EVENT]
+    assert len(deltas) > 3 and "".join(deltas) == payload["output"]
+    assert parsed[-1] == (DONE_EVENT, {"output": payload["output"], "truncated_turns": 0, "batch_size": 1,
+                                       "tokens": parsed[-1][1]["tokens"]})
+
+
+@pytest.mark.model
+def test_a_stream_the_client_leaves_frees_its_slot(served, model):
+    raw = body([{"role": "user", "content": "Write a very long essay about rivers."}], temperature=0, max_new_tokens=2000)
+    job, dropped = score.submit(raw, stream=True)
+    events = score.stream_events(job, dropped, score._first_tokens(job))
+    next(events)
+    events.close()  # what the server does when the client disconnects
+    with pytest.raises(Exception):
+        job.future.result(timeout=0)  # not finished: it was dropped, not run to 2000 tokens
+    assert job.expired()
+    assert ask_score([{"role": "user", "content": "Hi"}], max_new_tokens=4)[1] == 200
+
+
+def test_an_engine_that_stopped_gets_503_and_the_watchdog_restarts_the_worker(monkeypatch):
+    class Stopped:
+        batch_invariant = False
+
+        def healthy(self) -> bool:
+            return False
+
+    monkeypatch.setattr(score, "_engine", Stopped())
+    payload, status, _ = score.score(body())
+    assert status == 503 and "not running" in payload["message"]
+    killed = []
+    monkeypatch.setattr(score.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    score.watchdog(Stopped(), period_s=0.01)
+    assert killed == [(score.os.getpid(), score.signal.SIGTERM)]

@@ -9,6 +9,7 @@ from promptflow.core import tool
 
 from phi3flow.client import get_client, to_messages
 from phi3flow.connect import endpoint_and_key
+from phi3serve.contract import DEFAULTS
 
 
 @tool
@@ -17,9 +18,9 @@ def chat(
     input_data: str,
     chat_history: list = None,
     system_prompt: str = "",
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    max_new_tokens: int = 128,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
     stream: bool = False,
 ) -> str | Iterator[str]:
     """Send the question and the chat history to the endpoint and return the model's answer.

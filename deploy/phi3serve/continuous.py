@@ -8,6 +8,7 @@ The manager cannot apply a repetition penalty per request, so those requests go 
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import threading
@@ -47,10 +48,16 @@ class ContinuousEngine(Bounded):
             self.manager.warmup()  # CUDA graphs are captured here, never on a user's request
             log.info("Continuous batching warmed up in %.1f s", time.monotonic() - started)
         self.inflight: dict[str, Job] = {}
+        self.streamed: dict[str, int] = {}  # tokens already passed on, per streamed request
         self.ids = itertools.count()
         started = threading.Event()
         self.start_worker(lambda: self._dispatch(started), "phi3flow-dispatch")
         started.wait()
+        atexit.register(self.close)  # stop the generation thread cleanly, not mid-kernel at interpreter exit
+
+    def close(self) -> None:
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=10)
 
     def submit(self, job: Job) -> None:
         if job.params.repetition_penalty != 1.0:
@@ -68,7 +75,7 @@ class ContinuousEngine(Bounded):
         sampling = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if job.params.greedy else
                     {"temperature": job.params.temperature, "top_k": self.vocab, "top_p": job.params.top_p})
         self.manager.add_request(job.ids, request_id=request_id, max_new_tokens=job.params.max_new_tokens,
-                                 eos_token_id=self.model.stop_ids, **sampling)
+                                 eos_token_id=self.model.stop_ids, streaming=job.stream is not None, **sampling)
 
     def healthy(self) -> bool:
         return super().healthy() and self.manager.is_running() and self.fallback.healthy()
@@ -88,8 +95,19 @@ class ContinuousEngine(Bounded):
             if result is None:
                 continue
             with self.lock:
-                job = self.inflight.pop(result.request_id, None)
+                job = self.inflight.get(result.request_id)
+                if job is not None and result.is_finished():
+                    del self.inflight[result.request_id]
             if job is None:
+                continue
+            if job.stream is not None:  # cumulative tokens: pass on the new ones
+                tokens = [t for t in result.generated_tokens if t not in self.stop_ids]
+                for token in tokens[self.streamed.get(result.request_id, 0):]:
+                    job.stream.put(token)
+                self.streamed[result.request_id] = len(tokens)
+                if result.is_finished():
+                    del self.streamed[result.request_id]
+            if not result.is_finished():
                 continue
             if result.error:
                 job.resolve(GenerationFailed(f"generation failed: {result.error[:200]}"))
@@ -110,6 +128,7 @@ class ContinuousEngine(Bounded):
             gone = [request_id for request_id, job in self.inflight.items() if job.expired(now)]
             for request_id in gone:
                 del self.inflight[request_id]
+                self.streamed.pop(request_id, None)
         for request_id in gone:
             self.manager.cancel_request(request_id)
         if gone:

@@ -126,11 +126,6 @@ class Parameters:
         """Greedy unless sampling is asked for with a (practically) non-zero temperature."""
         return not self.do_sample or self.temperature < GREEDY_BELOW
 
-    @property
-    def decoding(self) -> tuple:
-        """Requests with equal keys can share a batch in engines with one sampling setting per batch."""
-        return (self.greedy, self.temperature, self.top_p, self.repetition_penalty)
-
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -3,7 +3,7 @@
 An engine takes encoded prompts with their parameters and answers each job's future; it owns its
 batching, its queue bound (Busy) and its failure handling (a failed generation fails only its jobs).
 `engine_for` picks the engine: transformers' continuous batching on CUDA, the hand-written decode
-loop on a CPU (measured faster there), or what $PHI3FLOW_ENGINE names.
+loop on a CPU (measured faster there), or what $PHI3FLOW_ENGINE names; an ONNX folder gets onnxruntime-genai's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from queue import Queue
 from typing import Protocol
 
 from phi3serve.contract import ChatRequest, Parameters
@@ -38,6 +39,11 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which nobody waits for the answer
     future: Future = field(default_factory=Future)
     batch_size: int = 1
+    stream: Queue | None = None  # generated token ids as they come, for streamed answers
+
+    def cancel(self) -> None:
+        """The client is gone: the engine drops the job at its next step."""
+        self.deadline = 0.0
 
     def resolve(self, outcome: "Answer | Exception") -> None:
         """Hand the answer (or error) to whoever waits; a no-op if they gave up (cancelled) or it is already set."""
@@ -50,7 +56,7 @@ class Job:
             pass
 
     def expired(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.monotonic()) > self.deadline or self.future.cancelled()
+        return (now if now is not None else time.monotonic()) > self.deadline
 
 
 class Engine(Protocol):
@@ -92,6 +98,12 @@ def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float) 
     choice = os.environ.get(ENGINE_ENV, "auto")
     if choice not in ENGINES:
         raise RuntimeError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {choice!r}")
+    if model.onnx:  # an ONNX Runtime GenAI folder has one engine: onnxruntime-genai's
+        if choice != "auto":
+            raise RuntimeError(f"{ENGINE_ENV}={choice} needs a Hugging Face model folder; this one is ONNX (unset it)")
+        from phi3serve.onnx_engine import OnnxEngine
+
+        return OnnxEngine(model, max_batch=max_batch, max_queue=max_queue)
     if choice == "auto":
         choice = "continuous" if model.device.type == "cuda" else "loop"
     from phi3serve.loop import LoopEngine

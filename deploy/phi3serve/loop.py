@@ -2,20 +2,22 @@
 
 One worker thread takes the oldest waiting job plus those arriving right behind it (arrivals less than
 `gap_s` apart, for at most `wait_s`) and decodes them together over a KV cache; a sequence leaves the
-batch as soon as it ends its turn or reaches its own max_new_tokens, and waiting jobs with the same
-decoding settings join between steps, after their own prefill. Jobs nobody waits for any more
+batch as soon as it ends its turn or reaches its own max_new_tokens, and waiting jobs join between
+steps, after their own prefill. Every row samples with its own parameters, so no request waits for a
+batch of other settings to finish (a long answer cannot hold short ones back). Jobs nobody waits for any more
 (deadline passed, future cancelled) are dropped at the next step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from phi3serve.contract import Busy, GenerationFailed, Parameters, ServingError
+from phi3serve.contract import Busy, GenerationFailed, ServingError
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import ChatModel
 
@@ -25,10 +27,10 @@ log = logging.getLogger("azmlinfsrv.score")
 class DecodeState:
     """The sequences being generated together: KV cache, tokens so far, attention mask, positions, limits."""
 
-    def __init__(self, cache: Any, sequences: Any, mask: Any, positions: Any, tokens: Any, limits: Any,
+    def __init__(self, cache: Any, sequences: Any, mask: Any, positions: Any, tokens: Any, limits: Any, settings: Any,
                  answers: list[list[int]], jobs: list[Job]):
         self.cache, self.sequences, self.mask, self.positions = cache, sequences, mask, positions
-        self.tokens, self.limits, self.answers, self.jobs = tokens, limits, answers, jobs
+        self.tokens, self.limits, self.settings, self.answers, self.jobs = tokens, limits, settings, answers, jobs
 
     @property
     def size(self) -> int:
@@ -48,7 +50,7 @@ class DecodeState:
             self.cache.batch_select_indices(keep)
             rows = keep.tolist()
             self.sequences, self.mask, self.positions = self.sequences[keep], self.mask[keep], self.positions[keep]
-            self.tokens, self.limits = self.tokens[keep], self.limits[keep]
+            self.tokens, self.limits, self.settings = self.tokens[keep], self.limits[keep], self.settings[keep]
             self.answers, self.jobs = [self.answers[i] for i in rows], [self.jobs[i] for i in rows]
             self._trim()
         return self
@@ -80,12 +82,41 @@ class DecodeState:
         return DecodeState(
             running.cache, torch.cat([running.sequences, joining.sequences]), torch.cat([running.mask, joining.mask]),
             torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]),
-            torch.cat([running.limits, joining.limits]), running.answers + joining.answers, running.jobs + joining.jobs,
+            torch.cat([running.limits, joining.limits]), torch.cat([running.settings, joining.settings]),
+            running.answers + joining.answers, running.jobs + joining.jobs,
         )
 
 
+def row_settings(jobs: list[Job], device: Any) -> Any:
+    """Each row's sampling settings as one [rows, 4] tensor: temperature, top-p, repetition penalty, greedy."""
+    return torch.tensor([[job.params.temperature, job.params.top_p, job.params.repetition_penalty, float(job.params.greedy)]
+                         for job in jobs], device=device)
+
+
+def pick(scores: Any, sequences: Any, settings: Any) -> Any:
+    """The next token of every row, each with its own settings, so requests with different parameters share a batch.
+
+    Same arithmetic as transformers' RepetitionPenalty, Temperature and TopP processors, applied per row;
+    greedy rows take the argmax (after the penalty), sampling rows draw from their nucleus.
+    """
+    temperature, top_p, penalty, greedy = settings.unbind(1)
+    if (penalty != 1.0).any():
+        seen = torch.gather(scores, 1, sequences)
+        factor = penalty[:, None]
+        scores = scores.scatter(1, sequences, torch.where(seen < 0, seen * factor, seen / factor))
+    choice = scores.argmax(-1)
+    rows = (greedy == 0).nonzero().squeeze(1)
+    if rows.numel():
+        probs = (scores[rows] / temperature[rows, None]).softmax(-1)
+        ordered, order = probs.sort(-1, descending=True)
+        outside = ordered.cumsum(-1) - ordered > top_p[rows, None]  # past the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(1, order, ordered.masked_fill(outside, 0.0))
+        choice[rows] = torch.multinomial(probs, 1).squeeze(1)
+    return choice
+
+
 class Decoder:
-    """Continuous batching over the KV cache of one model, for jobs sharing decoding settings."""
+    """Continuous batching over the KV cache of one model; every row keeps its own parameters."""
 
     def __init__(self, model: ChatModel):
         self.chat = model
@@ -95,16 +126,13 @@ class Decoder:
     def decode(self, first: list[Job], admit: Callable[[int], list[Job]] = lambda free: [],
                max_rows: int = 16) -> Iterator[tuple[Job, list[int]]]:
         """Yields (job, generated tokens) as each sequence ends; between steps `admit(free_slots)` hands in joiners."""
-        params = first[0].params
-        processors = self._processors(params)
         with torch.inference_mode():
-            state: DecodeState | None = self._prefill(first, processors, params)
+            state: DecodeState | None = self._prefill(first)
             while True:
                 state = yield from self._advance(state)
                 joining = admit(max_rows - (state.size if state else 0))
                 if joining:  # their prefill picks their first token, which may already end them
-                    state = DecodeState.merge(state, (yield from self._advance(self._prefill(joining, processors, params))),
-                                              self.chat.pad_id)
+                    state = DecodeState.merge(state, (yield from self._advance(self._prefill(joining))), self.chat.pad_id)
                 if state is None:
                     return
                 for job in state.jobs:
@@ -113,14 +141,16 @@ class Decoder:
                 state.extend(step_input)
                 logits = self.model(input_ids=step_input, attention_mask=state.mask, position_ids=state.positions,
                                     cache=state.cache, use_cache=True, logits_to_keep=1).logits
-                state.tokens = self._pick(processors(state.sequences, logits[:, -1, :].float()), params)
+                state.tokens = pick(logits[:, -1, :].float(), state.sequences, state.settings)
 
     def _advance(self, state: DecodeState) -> Generator[tuple[Job, list[int]], None, "DecodeState | None"]:
-        """Record the tokens just picked; yield the sequences that ended; return the rest (None if none)."""
+        """Record the tokens just picked (and stream them); yield the sequences that ended; return the rest."""
         ended = torch.isin(state.tokens, self.stop)
         for i, (token, end) in enumerate(zip(state.tokens.tolist(), ended.tolist())):
             if not end:
                 state.answers[i].append(token)
+                if state.jobs[i].stream is not None:
+                    state.jobs[i].stream.put(token)
         now = time.monotonic()
         abandoned = torch.tensor([job.expired(now) for job in state.jobs], device=ended.device)
         done = ended | abandoned | (torch.tensor([len(a) for a in state.answers], device=ended.device) >= state.limits)
@@ -128,23 +158,7 @@ class Decoder:
             yield state.jobs[i], state.answers[i]
         return state.select((~done).nonzero().squeeze(1))
 
-    def _processors(self, params: Parameters) -> Any:
-        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
-
-        processors = LogitsProcessorList()
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if not params.greedy:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        return processors
-
-    @staticmethod
-    def _pick(scores: Any, params: Parameters) -> Any:
-        return scores.argmax(-1) if params.greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-
-    def _prefill(self, jobs: list[Job], processors: Any, params: Parameters) -> DecodeState:
+    def _prefill(self, jobs: list[Job]) -> DecodeState:
         """Run the prompts (left-padded) through the model once; the state holds their first tokens."""
         from transformers.cache_utils import DynamicCache
 
@@ -156,9 +170,10 @@ class Decoder:
         cache = DynamicCache()
         logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                             logits_to_keep=1).logits  # only the last position: the prompt's own logits are never used
-        tokens = self._pick(processors(sequences, logits[:, -1, :].float()), params)
+        settings = row_settings(jobs, device)
+        tokens = pick(logits[:, -1, :].float(), sequences, settings)
         limits = torch.tensor([job.params.max_new_tokens for job in jobs], device=device)
-        return DecodeState(cache, sequences, mask, positions[:, -1:], tokens, limits, [[] for _ in jobs], list(jobs))
+        return DecodeState(cache, sequences, mask, positions[:, -1:], tokens, limits, settings, [[] for _ in jobs], list(jobs))
 
 
 class LoopEngine(Bounded):
@@ -170,9 +185,20 @@ class LoopEngine(Bounded):
         self.max_batch, self.wait_s, self.gap_s = max_batch, wait_s, gap_s
         self.join_min, self.join_every, self.steps_since_join = 4, 4, 0
         self.waiting: list[Job] = []
+        self.running: list[Job] = []  # the batch being decoded, joiners included
         # Batch-invariant greedy answers need fp32 arithmetic (the padding of a batch changes bf16 rounding).
         self.batch_invariant = model.dtype == torch.float32 and model.device.type == "cpu"
         self.start_worker(self._work, "phi3flow-loop")
+        atexit.register(self.close)  # never leave the worker inside a forward pass at interpreter exit
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Drop every job; returns once the batch in progress has stopped (at its next step)."""
+        with self.lock:
+            for job in self.waiting + self.running:
+                job.cancel()
+        deadline = time.monotonic() + timeout_s
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -181,11 +207,10 @@ class LoopEngine(Bounded):
             self.waiting.append(job)
             self.lock.notify()
 
-    def _take(self, key: tuple, limit: int) -> list[Job]:
-        """Up to `limit` live waiting jobs whose decoding settings match `key`, oldest first (lock held)."""
+    def _take(self, limit: int) -> list[Job]:
+        """Up to `limit` live waiting jobs, oldest first (lock held)."""
         self.waiting = [job for job in self.waiting if not job.expired()]
-        taken = [job for job in self.waiting if job.params.decoding == key][:limit]
-        self.waiting = [job for job in self.waiting if all(job is not t for t in taken)]
+        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
         return taken
 
     def _collect(self) -> list[Job]:
@@ -199,22 +224,22 @@ class LoopEngine(Bounded):
                     if len(self.waiting) == seen:
                         break  # nothing arrived within gap_s: go
                     seen = len(self.waiting)
-                batch = self._take(self.waiting[0].params.decoding, self.max_batch)
+                batch = self._take(self.max_batch)
                 if batch:
                     return batch
 
-    def _admit(self, key: tuple, free: int) -> list[Job]:
+    def _admit(self, free: int) -> list[Job]:
         """Called between decode steps. A prefill stalls the running batch, so joiners come in groups: at
         once when the batch is empty or `join_min` are waiting, else after at most `join_every` steps."""
         self.steps_since_join += 1
         with self.lock:
-            ready = sum(1 for job in self.waiting if job.params.decoding == key)
+            ready = len(self.waiting)
             if free <= 0 or not ready:
                 return []
             if free < self.max_batch and ready < min(free, self.join_min) and self.steps_since_join < self.join_every:
                 return []
             self.steps_since_join = 0
-            return self._take(key, free)
+            return self._take(free)
 
     def _work(self) -> None:
         while True:
@@ -222,11 +247,11 @@ class LoopEngine(Bounded):
 
     def run_batch(self, batch: list[Job]) -> None:
         """Decode `batch` (and the joiners it admits) to the end; a failure fails exactly those jobs."""
-        key = batch[0].params.decoding
         log.info("Generating a batch of %d", len(batch))
+        self.running = batch
 
         def admit(free: int) -> list[Job]:
-            joining = self._admit(key, free)
+            joining = self._admit(free)
             batch.extend(joining)  # so a failure below reaches the joiners too
             return joining
 
@@ -240,3 +265,5 @@ class LoopEngine(Bounded):
                 job.resolve(error)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # after an out-of-memory error, give the next batch its memory back
+        finally:
+            self.running = []

@@ -21,17 +21,19 @@ DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
 # otherwise let every request grow a KV cache the GPU cannot hold for many requests (deployment.yml sets it per model).
 MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
+ONNX_CONFIG = "genai_config.json"  # an ONNX Runtime GenAI folder (`phi3flow export onnx`): served by phi3serve.onnx_engine
 _SENTINEL = "phi3flow-sentinel-answer"
 
 
 def find_model_folder(root: Path) -> Path:
     """The folder holding the model: AZUREML_MODEL_DIR itself, a registered model's subfolder, or an MLflow one."""
-    markers = ("adapter_config.json", "config.json")
+    markers = ("adapter_config.json", "config.json", ONNX_CONFIG)
     candidates = [root] + sorted(p.parent for marker in markers for p in root.rglob(marker))
     for folder in candidates:
         if any((folder / marker).is_file() for marker in markers):
             return folder
-    raise FileNotFoundError(f"No model found under {root}: expected a Hugging Face folder (config.json) or a LoRA adapter (adapter_config.json)")
+    raise FileNotFoundError(f"No model found under {root}: expected a Hugging Face folder (config.json), a LoRA adapter "
+                            f"(adapter_config.json) or an ONNX Runtime GenAI folder ({ONNX_CONFIG})")
 
 
 def choose_dtype(cuda: bool) -> torch.dtype:
@@ -74,6 +76,8 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
 class ChatModel:
     """A causal LM with its tokenizer and chat template: encodes conversations, knows its stop tokens."""
 
+    onnx = False  # True for an ONNX Runtime GenAI model (phi3serve.onnx_engine.OnnxChatModel)
+
     def __init__(self, model: Any, tokenizer: Any, end_of_turn: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -89,6 +93,10 @@ class ChatModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = find_model_folder(Path(model_dir))
+        if (folder / ONNX_CONFIG).is_file():
+            from phi3serve.onnx_engine import OnnxChatModel
+
+            return OnnxChatModel.load(folder)
         cuda = torch.cuda.is_available()
         metadata = _read_json(folder / METADATA_FILE) or {}
         adapter = _read_json(folder / "adapter_config.json")
@@ -113,7 +121,7 @@ class ChatModel:
         if recorded is not None:
             ids.append(self.tokenizer.convert_tokens_to_ids(recorded))
         ids.append(end_of_turn_id(self.tokenizer))
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)  # an ONNX model has none
         ids += eos if isinstance(eos, list) else [eos]
         ids.append(self.tokenizer.eos_token_id)
         stop = list(dict.fromkeys(i for i in ids if i is not None and i != self.tokenizer.unk_token_id))
