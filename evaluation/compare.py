@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import requests
-from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER
+from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DEFAULTS, KEY_ENV
 
 from phi3flow.client import EndpointError, get_client
 from phi3flow.connect import read_connection
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow eval", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", required=True, metavar="CONN", help="Prompt Flow connection (or scoring URL) of the endpoint under test")
     parser.add_argument("--baseline", metavar="CONN", help="connection (or scoring URL) of the endpoint to compare with (e.g. the base model)")
-    parser.add_argument("--key-env", default="PHI3FLOW_ENDPOINT_KEY", help="variable holding the key when CONN is a URL (default %(default)s)")
+    parser.add_argument("--key-env", default=KEY_ENV, help="variable holding the key when CONN is a URL (default %(default)s)")
     parser.add_argument("--via", choices=["client", "agent"], default="client",
                         help="call endpoints directly (as the Prompt Flow tool does) or through the Agent Framework chat client")
     parser.add_argument("--data", type=Path, default=Path("data/test_data.jsonl"), help="JSONL with a 'messages' column (default %(default)s)")
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training JSONL for the no-model floor (default: train_data.jsonl beside --data, when there)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md, metrics.json, comparison.png, predictions")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per endpoint (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="answer length limit (default %(default)s)")
     parser.add_argument("--limit", type=int, help="only the first N lines")
     parser.add_argument("--resume", action="store_true", help="keep the answers already in DIR; ask only for missing or failed lines")
     parser.add_argument("--judge", metavar="CONN", help="Azure OpenAI connection for AI-judged coherence, fluency and relevance (optional)")

@@ -28,7 +28,8 @@ from agent_framework import (
 )
 
 from phi3flow.client import EndpointClient, EndpointError, get_client, to_messages
-from phi3flow.connect import KEY_ENV, read_connection
+from phi3flow.connect import read_connection
+from phi3serve.contract import DEFAULTS, KEY_ENV
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly and factually."
 # Agent Framework option -> endpoint contract parameter. Anything else the endpoint cannot honour.
@@ -159,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-env", default=KEY_ENV, help=f"environment variable holding the key for --endpoint (default {KEY_ENV})")
     parser.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS, help="the agent's instructions (sent as the system turn)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="sent as max_new_tokens (default 128)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                        help="answer length limit (default %(default)s)")
     args = parser.parse_args(argv)
 
     def run(client: EndpointChatClient) -> int:
-        answers = asyncio.run(ask(client, args.instructions, args.question, args.temperature, args.max_tokens))
+        answers = asyncio.run(ask(client, args.instructions, args.question, args.temperature, args.max_new_tokens))
         for question, answer in zip(args.question, answers):
             print(f"Q: {question}\nA: {answer}", flush=True)
         return 0
