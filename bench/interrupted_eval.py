@@ -55,7 +55,7 @@ def main() -> None:
         for name, signum in [("Ctrl+C (SIGINT)", signal.SIGINT), ("kill -9 (SIGKILL)", signal.SIGKILL)]:
             out = Path(folder) / name.split()[0]
             command = [sys.executable, "-m", "phi3flow.cli", "eval", "--candidate", endpoint.url, "--data", str(data),
-                       "--out", str(out), "--concurrency", "4", "--max-new-tokens", "16"]
+                       "--output-dir", str(out), "--concurrency", "4", "--max-new-tokens", "16"]
             before = settled(endpoint.log_file)
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             predictions = out / "candidate.predictions.jsonl"

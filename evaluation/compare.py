@@ -27,6 +27,7 @@ from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DEFAUL
 
 from phi3flow.client import EndpointError, get_client
 from phi3flow.connect import read_connection
+from phi3flow.errors import Phi3flowError
 from phi3flow.evaluation.judge import JUDGED, Judge, JudgeError
 from phi3flow.evaluation.metrics import (CORPUS_METRICS, METRICS, SIGNIFICANCE, at_floor, bleu_statistics, corpus_bleu_statistic,
                                          first_turn, format_p, holm, line_metrics, nearest_answers, paired_comparison, summarize)
@@ -35,6 +36,10 @@ LATENCY = "latency_s"  # per-line seconds, lower is better; compared like the qu
 FLOOR = "floor"  # the no-model baseline's column
 GREEDY = {"temperature": 0.0, "top_p": 1.0}  # the decoding every line is asked with
 DIFFERING_LINES = 5
+
+
+class EvalError(Phi3flowError):
+    """Data or endpoints an evaluation cannot use."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,9 @@ def load_examples(path: Path, limit: int | None = None) -> list[Example]:
             try:
                 examples.append(Example(index, first_turn(messages, "user"), first_turn(messages, "assistant")))
             except ValueError as exc:
-                raise SystemExit(f"phi3flow eval: {path} line {index + 1}: {exc}; each line needs a user and an assistant turn") from None
+                raise EvalError(f"{path} line {index + 1}: {exc}; each line needs a user and an assistant turn") from None
     if not examples:
-        raise SystemExit(f"phi3flow eval: no lines in {path}")
+        raise EvalError(f"no lines in {path}")
     return examples
 
 
@@ -78,12 +83,12 @@ def resolve_target(spec: str, role: str, key_env: str) -> System:
     if spec.startswith(("http://", "https://")):
         key = os.environ.get(key_env)
         if not key:
-            raise SystemExit(f"phi3flow eval: {spec} needs its key in ${key_env} (or name another variable with --key-env)")
+            raise EvalError(f"{spec} needs its key in ${key_env} (or name another variable with --key-env)")
         return System(role, role, spec, key)
     try:
         return System(role, spec, *read_connection(spec))
     except ValueError as exc:
-        raise SystemExit(f"phi3flow eval: {exc}") from None
+        raise EvalError(str(exc)) from None
 
 
 def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]:
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/test_data.jsonl"), help="JSONL with a 'messages' column (default %(default)s)")
     parser.add_argument("--train", type=Path, metavar="FILE",
                         help="training JSONL for the no-model floor (default: train_data.jsonl beside --data, when there)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for report.md, metrics.json, comparison.png, predictions")
+    parser.add_argument("--output-dir", type=Path, required=True, metavar="DIR", help="folder for report.md, metrics.json, comparison.png, predictions")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight per endpoint (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="answer length limit (default %(default)s)")
     parser.add_argument("--limit", type=int, help="only the first N lines")
@@ -462,13 +467,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     else:
         print("AI-judged metrics (coherence, fluency, relevance) skipped: no Azure OpenAI connection given (--judge CONN)", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     servers = {s.role: ServerHeaders(s) for s in systems}
     try:
-        records = {s.role: predict(s, examples, args.out, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
+        records = {s.role: predict(s, examples, args.output_dir, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens,
                                    resume=args.resume, via=args.via, judge=judge) for s in systems}
     except KeyboardInterrupt:  # the answers received so far are on disk; requests still in flight are dropped
-        print(f"\nInterrupted: the answers received so far are kept in {args.out}; finish with the same command plus --resume",
+        print(f"\nInterrupted: the answers received so far are kept in {args.output_dir}; finish with the same command plus --resume",
               file=sys.stderr)
         return 130
     train = args.train or (args.data.parent / "train_data.jsonl")
@@ -476,11 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     results = build_results(systems, records, args.data, judged=judge is not None, decoding=decoding,
                             floor=floor_answers(examples, train if train.is_file() else None),
                             servers={role: watch.detach() for role, watch in servers.items()})
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    plot(results, args.out / "comparison.png")
-    (args.out / "report.md").write_text(render_report(results), encoding="utf-8")
+    (args.output_dir / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    plot(results, args.output_dir / "comparison.png")
+    (args.output_dir / "report.md").write_text(render_report(results), encoding="utf-8")
     failed = sum(s["failed"] for s in results["systems"].values())
-    print(f"Report: {args.out / 'report.md'}" + (f" ({failed} failed lines: re-run them with --resume)" if failed else ""))
+    print(f"Report: {args.output_dir / 'report.md'}" + (f" ({failed} failed lines: re-run them with --resume)" if failed else ""))
     return 1 if failed else 0
 
 

@@ -7,6 +7,8 @@ evaluators of azure-ai-evaluation, reduced to a single-number answer so they are
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import re
 
 # metric -> rubric (higher is better for all of them)
@@ -21,7 +23,7 @@ JUDGED: dict[str, str] = {
 SYSTEM = "You are an impartial evaluator of AI assistant answers. Reply with a single digit from 1 to 5 and nothing else."
 
 
-class JudgeError(RuntimeError):
+class JudgeError(Phi3flowError, RuntimeError):
     """The judge could not be reached or gave no rating; the message says which."""
 
 

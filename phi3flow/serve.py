@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 
 from phi3flow.connect import KEY_ENV, add_key_options, key_from
+from phi3flow.errors import Phi3flowError
 from phi3flow.gunicorn_config import HOST_ENV
 
 HOST = "127.0.0.1"
@@ -79,7 +80,7 @@ def resolve_model_dir(model_dir: str | None) -> Path:
     if model_dir:
         path = Path(model_dir).expanduser()
         if not path.is_dir():
-            raise SystemExit(f"phi3flow serve: --model-dir {model_dir} is not a folder. Give a Hugging Face model or LoRA adapter folder.")
+            raise Phi3flowError(f"--model-dir {model_dir} is not a folder. Give a Hugging Face model or LoRA adapter folder.")
         return path.resolve()
     from phi3flow.embedded import embedded_model_dir
 

@@ -226,7 +226,7 @@ def test_evaluation_via_agent_matches_the_direct_path(endpoint, tmp_path, monkey
     endpoint.script = [Reply(body={"output": "Paris."})]
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     for via in ("client", "agent"):
-        assert evaluate(["--candidate", endpoint.url, "--data", str(data), "--out", str(tmp_path / via), "--via", via, "--concurrency", "1"]) == 0
+        assert evaluate(["--candidate", endpoint.url, "--data", str(data), "--output-dir", str(tmp_path / via), "--via", via, "--concurrency", "1"]) == 0
     bodies = [request["body"] for request in endpoint.requests]
     assert bodies[:2] == bodies[2:]
     metrics = {via: json.loads((tmp_path / via / "metrics.json").read_text())["systems"]["candidate"]["metrics"] for via in ("client", "agent")}

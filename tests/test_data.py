@@ -82,8 +82,8 @@ def test_every_sample_answer_is_checkable() -> None:
 
 def test_cli_sample_writes_reproducible_split(tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    assert cli.main(["data", "--sample", "--out-dir", str(first)]) == 0
-    assert data.main(["--sample", "--out-dir", str(second)]) == 0
+    assert cli.main(["data", "--sample", "--output-dir", str(first)]) == 0
+    assert data.main(["--sample", "--output-dir", str(second)]) == 0
     train, test = read_lines(first / data.TRAIN_FILE), read_lines(first / data.TEST_FILE)
     assert (len(train), len(test)) == (320, 80)
     assert (train, test) == data.sample_split(400, 0.2, 42)
@@ -141,7 +141,7 @@ def test_bad_rows_reported_with_line_numbers(tmp_path: Path) -> None:
 
 def test_cli_reports_bad_rows_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_file(tmp_path / "mine.jsonl", [json.dumps(GOOD), json.dumps({"prompt": "x"})])
-    assert data.main(["--from-jsonl", str(source), "--out-dir", str(tmp_path / "out")]) == 1
+    assert data.main(["--from-jsonl", str(source), "--output-dir", str(tmp_path / "out")]) == 1
     assert "line 2: 'messages' must be a non-empty list" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -150,7 +150,7 @@ def test_from_jsonl_fills_schema_and_keeps_every_row(tmp_path: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
             for i in range(10)]
     source = write_file(tmp_path / "mine.jsonl", [json.dumps(r) for r in rows])
-    assert data.main(["--from-jsonl", str(source), "--out-dir", str(tmp_path), "--test-size", "0.3"]) == 0
+    assert data.main(["--from-jsonl", str(source), "--output-dir", str(tmp_path), "--test-size", "0.3"]) == 0
     train, test = read_lines(tmp_path / data.TRAIN_FILE), read_lines(tmp_path / data.TEST_FILE)
     assert (len(train), len(test)) == (7, 3)
     for row in train + test:
@@ -165,7 +165,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_offline_hub_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
-    assert data.main(["--out-dir", str(tmp_path)]) == 1
+    assert data.main(["--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "phi3flow data --sample" in err and "--from-jsonl" in err
@@ -188,7 +188,7 @@ def test_ultrachat_rows_are_split_and_written(monkeypatch: pytest.MonkeyPatch, t
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
-    assert data.main(["--out-dir", str(tmp_path)]) == 0
+    assert data.main(["--output-dir", str(tmp_path)]) == 0
     assert calls == [("HuggingFaceH4/ultrachat_200k", "default", "train_sft[:1%]")]
     train, test = read_lines(tmp_path / data.TRAIN_FILE), read_lines(tmp_path / data.TEST_FILE)
     assert (len(train), len(test)) == (16, 4)

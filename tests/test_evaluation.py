@@ -165,7 +165,7 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "report"
-    argv = ["--candidate", "eval_candidate", "--baseline", "eval_baseline", "--data", str(data), "--out", str(out),
+    argv = ["--candidate", "eval_candidate", "--baseline", "eval_baseline", "--data", str(data), "--output-dir", str(out),
             "--concurrency", "3", "--max-new-tokens", "16"]
 
     assert compare.main(argv) == 1  # one baseline line failed: said in the exit status and the report
@@ -255,9 +255,9 @@ def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, mon
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", "chat-key")
     try:
-        assert compare.main(["--candidate", chat.url, "--data", str(data), "--out", str(tmp_path / "plain")]) == 0
+        assert compare.main(["--candidate", chat.url, "--data", str(data), "--output-dir", str(tmp_path / "plain")]) == 0
         assert "AI-judged metrics (coherence, fluency, relevance) skipped" in capsys.readouterr().err
-        assert compare.main(["--candidate", chat.url, "--data", str(data), "--out", str(tmp_path / "judged"), "--judge", "eval_judge"]) == 0
+        assert compare.main(["--candidate", chat.url, "--data", str(data), "--output-dir", str(tmp_path / "judged"), "--judge", "eval_judge"]) == 0
     finally:
         chat.close()
         judge.close()
@@ -274,7 +274,7 @@ def test_eval_with_every_line_failed_still_reports(tmp_path: Path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", "chat-key")
     try:
-        assert compare.main(["--candidate", book.url, "--data", str(data), "--out", str(tmp_path / "out")]) == 1
+        assert compare.main(["--candidate", book.url, "--data", str(data), "--output-dir", str(tmp_path / "out")]) == 1
     finally:
         book.close()
     results = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -287,8 +287,10 @@ def test_eval_with_every_line_failed_still_reports(tmp_path: Path, monkeypatch):
 def test_eval_rejects_a_missing_connection(tmp_path: Path):
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps(ROWS[0]) + "\n")
-    with pytest.raises(SystemExit, match="cannot read connection 'nope'"):
-        compare.main(["--candidate", "nope", "--out", str(tmp_path), "--data", str(data)])
+    from phi3flow.errors import Phi3flowError
+
+    with pytest.raises(Phi3flowError, match="cannot read connection 'nope'"):
+        compare.main(["--candidate", "nope", "--output-dir", str(tmp_path), "--data", str(data)])
 
 
 def test_evaluation_flow_nodes_on_their_sample_data():

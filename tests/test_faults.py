@@ -38,7 +38,7 @@ def test_restart_during_batch_run_is_recorded_then_resumed(tmp_path, monkeypatch
         server.close()
 
     threading.Thread(target=go_down_mid_run, daemon=True).start()
-    args = ["--candidate", server.url, "--data", str(data), "--out", str(tmp_path / "out"), "--concurrency", "1"]
+    args = ["--candidate", server.url, "--data", str(data), "--output-dir", str(tmp_path / "out"), "--concurrency", "1"]
     assert evaluate(args) == 1  # failed lines make the run exit non-zero
     records = [json.loads(line) for line in (tmp_path / "out" / "candidate.predictions.jsonl").read_text().splitlines()]
     failed = [r for r in records if r["error"]]
@@ -91,7 +91,7 @@ def _stored(out) -> list[dict]:
 
 def test_resume_with_a_smaller_limit_keeps_every_stored_answer(endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
-    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 6)), "--out", str(tmp_path / "out")]
+    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 6)), "--output-dir", str(tmp_path / "out")]
     assert evaluate(args) == 0
     assert evaluate([*args, "--resume", "--limit", "2"]) == 0
     assert len(endpoint.requests) == 6  # nothing asked again
@@ -101,7 +101,7 @@ def test_resume_with_a_smaller_limit_keeps_every_stored_answer(endpoint, tmp_pat
 def test_resume_after_a_torn_last_line_asks_only_for_that_line(endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     out = tmp_path / "out"
-    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 4)), "--out", str(out)]
+    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 4)), "--output-dir", str(out)]
     assert evaluate(args) == 0
     predictions = out / "candidate.predictions.jsonl"
     whole = predictions.read_text()
@@ -115,7 +115,7 @@ def test_resume_after_a_torn_last_line_asks_only_for_that_line(endpoint, tmp_pat
 def test_final_rewrite_is_atomic(endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     out = tmp_path / "out"
-    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 3)), "--out", str(out)]
+    args = ["--candidate", endpoint.url, "--data", str(_data(tmp_path, 3)), "--output-dir", str(out)]
     assert evaluate(args) == 0
     before = (out / "candidate.predictions.jsonl").read_text()
 
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_at_once_sends_nothing_more_and_keeps_the_answers(tmp_path)
     server.script = [Reply(body={"output": "a"})] * 4 + [Reply(body={"output": "a"}, delay=120.0)]  # then the endpoint stalls
     out = tmp_path / "out"
     command = [sys.executable, "-m", "phi3flow.cli", "eval", "--candidate", server.url, "--data", str(_data(tmp_path, 40)),
-               "--out", str(out), "--concurrency", "2"]
+               "--output-dir", str(out), "--concurrency", "2"]
     try:
         process = subprocess.Popen(command, env={**os.environ, "PHI3FLOW_ENDPOINT_KEY": SECRET}, stderr=subprocess.PIPE, text=True)
         while len(server.requests) < 6:  # 4 answered, 2 waiting for the stalled endpoint
