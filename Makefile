@@ -39,6 +39,7 @@ demo: install
 	$(VENV)/bin/phi3flow demo
 
 test: install install-agents
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py tests/test_readme.py
 
