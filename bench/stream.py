@@ -24,12 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
-from promptflow.connections import CustomConnection
 
 from phi3flow.client import EndpointClient
 from phi3flow.embedded import embedded_model_dir
+from phi3flow.offline import use_offline_defaults
 from phi3flow.serve import LocalEndpoint
-from phi3flow.tools.chat_endpoint import chat
 from phi3serve.contract import DELTA_EVENT, DONE_EVENT, STREAM_MEDIA_TYPE
 
 TOPICS = ["France", "Japan", "the Moon", "photosynthesis", "the Nile", "volcanoes", "Mozart", "the Internet"]
@@ -106,6 +105,11 @@ def bare_reader(session: requests.Session, url: str, body: dict) -> int:
 
 def per_piece(pieces: int, calls: int) -> dict[str, float]:
     """Part 2: p50 microseconds per streamed piece, bare reader vs the tool."""
+    use_offline_defaults()  # before promptflow is imported: no telemetry, no settings fetch
+    from promptflow.connections import CustomConnection
+
+    from phi3flow.tools.chat_endpoint import chat
+
     InstantStream.pieces = pieces
     server = ThreadingHTTPServer(("127.0.0.1", 0), InstantStream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
