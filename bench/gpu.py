@@ -6,7 +6,7 @@ Runs on one H100/H200 in about 6 minutes per shape; every phase runs in its own 
 time limit (a phase that runs out is reported as such, the others still run) and prints ratios from
 this one run.
 
-    python bench/gpu.py --shape phi3-mini --out /tmp/gpu-bench [--tokenizer DIR] [--tiny]
+    python bench/gpu.py --shape phi3-mini --output-dir /tmp/gpu-bench [--tokenizer DIR] [--tiny]
 
 1. train: `phi3flow finetune --config phi3-mini-qlora` (only the model, data and run length changed)
    with packing, padding and group-by-length on ultrachat-like lengths (200 to 2,000 tokens):
@@ -107,8 +107,9 @@ def train(model_dir: Path, data_dir: Path, out: Path, mode: str, steps: int, war
 
     cfg = load_config("phi3-mini-qlora", {
         "model": str(model_dir), "train_file": str(data_dir / "train_data.jsonl"), "test_file": str(data_dir / "test_data.jsonl"),
-        "output_dir": str(out), "max_steps": steps, "eval_steps": 0, "save_steps": 10**6, "logging_steps": steps,
-        "gradient_accumulation_steps": 1, "packing": mode == "packing", "group_by_length": mode == "group_by_length",
+        "output_dir": str(out), "max_steps": steps, "eval_strategy": "no", "save_steps": 10**6, "logging_steps": steps,
+        "gradient_accumulation_steps": 1, "packing": mode == "packing",
+        "train_sampling_strategy": "group_by_length" if mode == "group_by_length" else "random",
     })
     prepared = finetune.prepare(cfg)
     clock = StepClock()
@@ -218,7 +219,7 @@ def serve(adapter_dir: Path, concurrency: tuple[int, ...], engines: tuple[str, .
 
 def phase(args: argparse.Namespace, name: str, extra: list[str], limit: int, out: Path) -> dict | None:
     """Run one phase in its own process under a time limit; its JSON result, or None (and why) if it failed."""
-    command = [sys.executable, __file__, "--phase", name, *extra, "--shape", args.shape, "--out", str(args.out)]
+    command = [sys.executable, __file__, "--phase", name, *extra, "--shape", args.shape, "--output-dir", str(args.output_dir)]
     if args.tiny:
         command.append("--tiny")
     log = out / f"{name}{'-' + extra[1] if name != 'build' and len(extra) > 1 else ''}.log"
@@ -281,7 +282,7 @@ def report(shape: str, built: dict, trained: dict, served: dict | None, gpu: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="phi3-mini")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "phi3flow-gpu-bench")
+    parser.add_argument("--output-dir", type=Path, default=Path(tempfile.gettempdir()) / "phi3flow-gpu-bench")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the embedded model's)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and run, to check the script on a CPU")
     parser.add_argument("--train-steps", type=int, default=8)
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", choices=["build", "train", "serve"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    root = args.out / args.shape
+    root = args.output_dir / args.shape
     model_dir, data_dir = root / "model", root / "data"
     concurrency = (1, 4) if args.tiny else CONCURRENCY
 

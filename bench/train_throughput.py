@@ -36,7 +36,7 @@ def measure(packing: bool, steps: int, warmup: int, data_dir: Path, config: str)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(config, {
-            "packing": packing, "max_steps": steps, "eval_steps": 0, "save_steps": 10**6, "logging_steps": steps,
+            "packing": packing, "max_steps": steps, "eval_strategy": "no", "save_steps": 10**6, "logging_steps": steps,
             "output_dir": out, "train_file": str(data_dir / "train_data.jsonl"),
             "test_file": str(data_dir / "test_data.jsonl"),
         })
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             from phi3flow.finetune import data
 
             data_dir = Path(tmp)
-            data.main(["--sample", "--out-dir", tmp])
+            data.main(["--sample", "--output-dir", tmp])
         results = {}
         for mode in ("padding", "packing"):
             command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps),

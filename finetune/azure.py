@@ -11,6 +11,8 @@ fine-tunes any of these models (azureml-assets: Phi-3-mini-4k and Phi-3.5-mini a
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import argparse
 import json
 import logging
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from phi3flow.finetune.config import load_config
+from phi3flow.finetune.config import read_config
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -68,7 +70,7 @@ INSTALL_HINT = "pip install 'phi3flow[azure]'"
 Action = tuple[str, Any]
 
 
-class SetupError(Exception):
+class SetupError(Phi3flowError):
     """Something the user must install, configure or fix in a spec: a message, no traceback, exit code 2."""
 
 
@@ -117,7 +119,7 @@ def plan_finetune(args: argparse.Namespace) -> list[Action]:
     name = MODELS[args.model].config
     job = load_spec("finetune-job.yml", [
         {"inputs.config": name}, {"display_name": f"{name}-ultrachat"},
-        {"description": f"QLoRA fine-tune of {load_config(name).model} on ultrachat_200k (finetune/configs/{name}.yaml)."},
+        {"description": f"QLoRA fine-tune of {read_config(name)['model']} on ultrachat_200k (finetune/configs/{name}.yaml)."},
     ])
     _require_file(job, job.code, "pyproject.toml", "the job's code must be a phi3flow source checkout")
     if args.max_steps is not None:
@@ -134,7 +136,7 @@ def plan_register(args: argparse.Namespace) -> list[Action]:
     """The job's single output folder as a model of that output's type, named for the model it tunes."""
     ((output, port),) = load_spec("finetune-job.yml").outputs.items()
     path = f"azureml://jobs/{args.job_name or JOB_PLACEHOLDER}/outputs/{output}"
-    hub = load_config(MODELS[args.model].config).model
+    hub = read_config(MODELS[args.model].config)["model"]
     model = load_spec("model.yml", [{"path": path}, {"type": port.type}, {"name": registered_name(args.model)},
                                     {"description": f"{hub} fine-tuned on ultrachat_200k by phi3flow: a LoRA adapter."}])
     return [(f"model.yml, output '{output}' of finetune-job.yml", model)]

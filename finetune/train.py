@@ -8,7 +8,10 @@ architecture, and an output folder that the scoring script loads as it is.
 
 from __future__ import annotations
 
+from phi3flow.errors import Phi3flowError
+
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,15 +47,8 @@ from phi3flow.finetune.chat import (
     ensure_distinct_pad,
     tokenize_conversation,
 )
-from phi3flow.finetune.config import (
-    DEFAULT_CONFIG,
-    EMBEDDED,
-    ConfigError,
-    TrainConfig,
-    add_config_flags,
-    load_config,
-    overrides_from,
-)
+from phi3flow.finetune import config
+from phi3flow.finetune.config import EMBEDDED, ConfigError, FinetuneArguments, FinetuneConfig
 from phi3flow.finetune.data import DataError, Row, read_jsonl
 
 log = logging.getLogger("phi3flow.finetune")
@@ -62,7 +58,7 @@ MERGED_DIR = "merged"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class TrainError(RuntimeError):
+class TrainError(Phi3flowError, RuntimeError):
     """A run that cannot start: missing dependency, unusable model or LoRA targets."""
 
 
@@ -70,7 +66,7 @@ class TrainError(RuntimeError):
 class Prepared:
     """A ready Trainer plus what the output folder must record about how it was built."""
 
-    cfg: TrainConfig
+    cfg: FinetuneConfig
     trainer: Trainer
     tokenizer: PreTrainedTokenizerBase
     base_model_path: str
@@ -83,26 +79,20 @@ def resolve_model(name: str) -> str:
     return str(embedded_model_dir()) if name == EMBEDDED else name
 
 
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """`bf16: true` means half precision on CUDA: bf16 where the GPU computes it (Ampere and newer), else fp16
-    (T4, V100 refuse bf16). On a CPU, fp32: bf16 training there is slow and loses precision for no memory gain."""
-    if not (cfg.bf16 and torch.cuda.is_available()):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def compute_dtype(training: TrainingArguments) -> torch.dtype:
+    """The weights' dtype: the Trainer's mixed precision (bf16 already replaced where the hardware lacks it,
+    config.resolve_precision), else fp32."""
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
 
 
-def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
+def load_model(cfg: FinetuneConfig, path: str) -> tuple[PreTrainedModel, bool]:
     """Load the base model: 4-bit nf4 with bf16 compute when CUDA allows, else full precision on CPU."""
     cuda = torch.cuda.is_available()
-    if cfg.load_in_4bit and not cuda:
+    if cfg.finetune.load_in_4bit and not cuda:
         log.warning("QLoRA needs CUDA (bitsandbytes 4-bit); no GPU here, so this trains plain LoRA in fp32.")
-    if cfg.bf16 and not cuda:
-        log.warning("bf16 is for CUDA here; training in fp32 on CPU.")
-    dtype = compute_dtype(cfg)
-    if cfg.bf16 and dtype == torch.float16:
-        log.warning("%s has no bf16: training with fp16 mixed precision instead.", torch.cuda.get_device_name())
+    dtype = compute_dtype(cfg.training)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    quantized = cfg.load_in_4bit and cuda
+    quantized = cfg.finetune.load_in_4bit and cuda
     if quantized:
         try:
             import bitsandbytes  # noqa: F401  (only checks that QLoRA can run)
@@ -117,7 +107,7 @@ def load_model(cfg: TrainConfig, path: str) -> tuple[PreTrainedModel, bool]:
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.activation_checkpointing)
     return model, quantized
 
 
@@ -148,13 +138,13 @@ def check_target_modules(model: PreTrainedModel, targets: list[str]) -> None:
         )
 
 
-def apply_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
-    check_target_modules(model, cfg.target_modules)
-    targets: str | list[str] = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+def apply_lora(model: PreTrainedModel, args: FinetuneArguments) -> PeftModel:
+    check_target_modules(model, args.target_modules)
+    targets: str | list[str] = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
@@ -191,62 +181,35 @@ class LossProgressCallback(ProgressCallback):
             self.training_bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 
 
-def training_arguments(cfg: TrainConfig, dtype: torch.dtype) -> TrainingArguments:
-    evaluate = cfg.eval_steps > 0
-    return TrainingArguments(
-        output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR),
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the total steps
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_steps if evaluate else None,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
-        include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
-        report_to="none",
-    )
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: FinetuneConfig) -> Prepared:
     """Load data, tokenizer and model, wrap with LoRA, and build the Trainer (nothing trained yet)."""
-    train_rows, test_rows = read_jsonl(cfg.train_file), read_jsonl(cfg.test_file)
-    base = resolve_model(cfg.model)
+    args, training = cfg.finetune, cfg.training
+    train_rows, test_rows = read_jsonl(args.train_file), read_jsonl(args.test_file)
+    base = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     end_of_turn = end_of_turn_id(tokenizer)
     ensure_distinct_pad(tokenizer, end_of_turn)
-    train_set = tokenize_rows(train_rows, tokenizer, cfg.max_seq_length, end_of_turn, cfg.train_file)
-    test_set = tokenize_rows(test_rows, tokenizer, cfg.max_seq_length, end_of_turn, cfg.test_file)
+    train_set = tokenize_rows(train_rows, tokenizer, args.max_seq_length, end_of_turn, args.train_file)
+    test_set = tokenize_rows(test_rows, tokenizer, args.max_seq_length, end_of_turn, args.test_file)
 
-    transformers.set_seed(cfg.seed)  # LoRA weights are initialised before the Trainer seeds anything
+    transformers.set_seed(training.seed)  # LoRA weights are initialised before the Trainer seeds anything
     model, quantized = load_model(cfg, base)
     configure_for_training(model, tokenizer)
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, args)
     # Packing concatenates a batch into one row; position ids restart per conversation and the attention
     # mask is rebuilt from them, so conversations never see each other and no pad token is computed.
     collator = (
         DataCollatorWithFlattening()
-        if cfg.packing
+        if args.packing
         else DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     )
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, compute_dtype(cfg)),
+        # Checkpoints in their own subfolder: output_dir itself is the adapter folder the scoring script loads.
+        # Tokens seen count real tokens (train_tokens_per_second in the metadata and benches); not a config setting:
+        # HfArgumentParser reads the field as a bool and cannot take "non_padding".
+        args=dataclasses.replace(training, output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR),
+                                 include_num_input_tokens_seen="non_padding"),
         train_dataset=train_set,
         eval_dataset=test_set,
         data_collator=collator,
@@ -329,10 +292,10 @@ def save_outputs(prepared: Prepared, train_metrics: dict[str, float], merge: boo
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     metadata = {
-        "base_model": cfg.model,
+        "base_model": cfg.finetune.model,
         "base_model_name_or_path": prepared.base_model_path,
         "data": {name: {"path": path, "sha256": sha256_file(path)}
-                 for name, path in (("train", cfg.train_file), ("test", cfg.test_file))},
+                 for name, path in (("train", cfg.finetune.train_file), ("test", cfg.finetune.test_file))},
         "config": cfg.to_dict(),
         "quantized_4bit": prepared.quantized,
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn),
@@ -350,31 +313,32 @@ def save_outputs(prepared: Prepared, train_metrics: dict[str, float], merge: boo
     return metadata
 
 
-def run(cfg: TrainConfig, resume: bool = False, merge: bool = False) -> dict[str, Any]:
+def run(cfg: FinetuneConfig, resume: bool = False, merge: bool = False) -> dict[str, Any]:
     """Prepare, train, evaluate and save; returns the metadata written to the output folder."""
     prepared = prepare(cfg)
     return save_outputs(prepared, train(prepared, resume), merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The config's flags (config.build_parser) plus what one run does with it."""
+    parser = config.build_parser(
         prog="phi3flow finetune",
-        description="LoRA/QLoRA fine-tune a chat model on train/test JSONL (see 'phi3flow data').",
+        description="LoRA/QLoRA fine-tune a chat model on train/test JSONL (see 'phi3flow data'). Settings come "
+        "from --config, and any of them from a flag of the same name (phi3flow's, then transformers' "
+        "TrainingArguments).",
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"YAML file or shipped config name: {DEFAULT_CONFIG} (CPU), phi3-mini-qlora (GPU)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in output_dir/checkpoints")
     parser.add_argument("--merge", action="store_true", help=f"also write base + adapter merged in {MERGED_DIR}/")
-    add_config_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_warning()
     try:
-        cfg = load_config(args.config, overrides_from(args))
+        cfg, args = config.parse_config(build_parser(), argv)
         metadata = run(cfg, resume=args.resume, merge=args.merge)
     except (ConfigError, DataError, ChatTemplateError, TrainError) as exc:
         print(f"phi3flow finetune: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     TrainerCallback,
+    TrainingArguments,
 )
 
 from phi3flow.finetune import chat, config, data, train
@@ -35,18 +37,18 @@ def tiny_phi3(vocab_size: int, **ids: int | None) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(cfg).eval()
 
 
-def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> config.TrainConfig:
+def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> config.FinetuneConfig:
+    """The CPU config, shrunk: settings of both parts (phi3flow's and the Trainer's) by their own names."""
     values = dict(train_file=str(files[0]), test_file=str(files[1]), output_dir=str(tmp / "out"), max_seq_length=128,
                   per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3, max_steps=4,
-                  logging_steps=1, eval_steps=0, save_steps=100, warmup_ratio=0.0, lr_scheduler_type="constant")
-    values.update(overrides)
-    return config.TrainConfig(**values)
+                  logging_steps=1, eval_strategy="no", save_steps=100, warmup_steps=0, lr_scheduler_type="constant")
+    return config.load_config(config.DEFAULT_CONFIG, {**values, **overrides})
 
 
 @pytest.fixture(scope="module")
 def sample_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("data")
-    assert data.main(["--sample", "--sample-size", "48", "--test-size", "0.25", "--out-dir", str(folder)]) == 0
+    assert data.main(["--sample", "--sample-size", "48", "--test-size", "0.25", "--output-dir", str(folder)]) == 0
     return folder / data.TRAIN_FILE, folder / data.TEST_FILE
 
 
@@ -73,34 +75,68 @@ def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 
 def test_shipped_configs() -> None:
     gpu, cpu = config.load_config("phi3-mini-qlora"), config.load_config(config.DEFAULT_CONFIG)
-    assert gpu.model == "microsoft/Phi-3-mini-4k-instruct"
-    assert gpu.target_modules == PHI3_TARGETS
-    assert gpu.load_in_4bit and gpu.bf16 and gpu.gradient_checkpointing
-    assert gpu.group_by_length and not gpu.packing  # fastest on a GPU (bench/gpu.py; README "Fine-tune on a GPU")
-    assert cpu.model == config.EMBEDDED and not cpu.load_in_4bit and not cpu.bf16
-    assert cpu.target_modules == ["all-linear"] and cpu.packing
+    assert isinstance(gpu.training, TrainingArguments)  # transformers' own, not a mirror
+    assert gpu.finetune.model == "microsoft/Phi-3-mini-4k-instruct"
+    assert gpu.finetune.target_modules == PHI3_TARGETS
+    assert gpu.finetune.load_in_4bit and gpu.training.activation_checkpointing
+    # fastest on a GPU (bench/gpu.py; README "On a GPU")
+    assert gpu.training.train_sampling_strategy == "group_by_length" and not gpu.finetune.packing
+    assert gpu.training.warmup_steps == 0.2 and gpu.training.eval_strategy == "steps"  # upstream names, as written
+    assert config.read_config("phi3-mini-qlora")["bf16"]  # asked for; what it becomes depends on the GPU (below)
+    assert cpu.finetune.model == config.EMBEDDED and not cpu.finetune.load_in_4bit and not cpu.training.bf16
+    assert cpu.finetune.target_modules == ["all-linear"] and cpu.finetune.packing
+    assert cpu.training.train_sampling_strategy == "random"
 
 
 def test_cli_flags_override_yaml(tmp_path: Path) -> None:
-    args = train.build_parser().parse_args(
-        ["--config", "embedded-lora-cpu", "--max-steps", "3", "--no-packing", "--target-modules", "q_proj, v_proj",
-         "--output-dir", str(tmp_path)]
-    )
-    cfg = config.load_config(args.config, config.overrides_from(args))
-    assert (cfg.max_steps, cfg.packing, cfg.output_dir) == (3, False, str(tmp_path))
-    assert cfg.target_modules == ["q_proj", "v_proj"]
-    assert cfg.learning_rate == config.load_config("embedded-lora-cpu").learning_rate  # untouched: YAML value
+    cfg, args = config.parse_config(train.build_parser(), [
+        "--config", "embedded-lora-cpu", "--max-steps", "3", "--no-packing", "--target-modules", "q_proj, v_proj",
+        "--output-dir", str(tmp_path), "--warmup_steps", "5", "--resume"])
+    assert (cfg.training.max_steps, cfg.finetune.packing, cfg.output_dir) == (3, False, str(tmp_path))
+    assert cfg.finetune.target_modules == ["q_proj", "v_proj"] and cfg.training.warmup_steps == 5
+    assert args.resume and not args.merge
+    yaml_only = config.load_config("embedded-lora-cpu")
+    assert cfg.training.learning_rate == yaml_only.training.learning_rate == 1e-3  # untouched: the YAML value
+    assert yaml_only.finetune.packing and yaml_only.training.max_steps == -1
+    # programmatic overrides (benches, tests) sit between the file and the flags
+    both = config.parse_config(train.build_parser(), ["--max-steps", "7"], {"max_steps": 5, "lora_r": 4})[0]
+    assert (both.training.max_steps, both.finetune.lora_r) == (7, 4)
+
+
+@pytest.mark.parametrize(("bf16", "cuda", "expected"), [
+    (True, None, (False, False)),  # CPU: fp32
+    (True, True, (True, False)),  # Ampere and newer: bf16
+    (True, False, (False, True)),  # T4, V100: fp16
+    (False, True, (False, False)),
+])
+def test_bf16_becomes_what_the_hardware_computes(bf16, cuda, expected, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    values = {"bf16": bf16, "fp16": False}
+    config.resolve_precision(values)
+    assert (values["bf16"], values["fp16"]) == expected
+    dtype = {(True, False): torch.bfloat16, (False, True): torch.float16, (False, False): torch.float32}[expected]
+    assert train.compute_dtype(SimpleNamespace(bf16=expected[0], fp16=expected[1])) == dtype
 
 
 def test_bad_configs_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: x\nlearning_rat: 0.1\n")
-    with pytest.raises(config.ConfigError, match="unknown setting.*learning_rat"):
+    bad.write_text("model: x\nlearning_rat: 0.1\nwarmup_ratio: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"unknown setting.*learning_rat \(did you mean learning_rate\?\)"
+                                                 r".*warmup_ratio \(now warmup_steps"):
         config.load_config(bad)
     with pytest.raises(config.ConfigError, match="phi3-mini-qlora"):
         config.load_config("no-such-config")
-    with pytest.raises(config.ConfigError, match="per_device_train_batch_size"):
-        config.TrainConfig(per_device_train_batch_size=0)
+    bad.write_text("max_steps: ten\n")
+    with pytest.raises(config.ConfigError, match="bad.yaml.*max_steps.*invalid int value: 'ten'"):
+        config.load_config(bad)
+    with pytest.raises(config.ConfigError, match="lr_scheduler_type.*invalid choice: 'nope'"):
+        config.parse_config(train.build_parser(), ["--lr-scheduler-type", "nope"])
+    with pytest.raises(config.ConfigError, match="max_seq_length must be at least 1"):
+        config.load_config(config.DEFAULT_CONFIG, {"max_seq_length": 0})
+    with pytest.raises(config.ConfigError, match="target_modules is empty"):
+        config.FinetuneArguments(target_modules=[" , "])
 
 
 def test_bad_training_data_is_reported_before_loading_a_model(
@@ -123,8 +159,7 @@ def test_unfused_names_on_phi3_fail_loudly() -> None:
 
 
 def test_phi3_lora_adapts_every_fused_projection() -> None:
-    cfg = config.TrainConfig(target_modules=PHI3_TARGETS)
-    peft_model = train.apply_lora(tiny_phi3(128), cfg)
+    peft_model = train.apply_lora(tiny_phi3(128), config.FinetuneArguments(target_modules=PHI3_TARGETS))
     lora_a = [name for name, _ in peft_model.named_parameters() if "lora_A" in name]
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name in lora_a}
     assert adapted == set(PHI3_TARGETS)
@@ -229,6 +264,9 @@ def test_tiny_phi3_trains_and_round_trips(tmp_path: Path, sample_files, tiny_phi
     assert saved["base_model_name_or_path"] == str(tiny_phi3_dir)
     assert saved["pad_token"] != saved["end_of_turn_token"]
     assert saved["metrics"]["global_step"] == 3
+    assert saved["config"]["finetune"]["target_modules"] == PHI3_TARGETS
+    assert saved["config"]["training"]["learning_rate"] == 1e-2 and saved["config"]["training"]["output_dir"] == str(out)
+    assert prepared.trainer.args.output_dir == str(out / train.CHECKPOINT_DIR)
     assert (out / "tokenizer_config.json").is_file()
 
 

@@ -98,7 +98,7 @@ def phi_tokenizer(template: str):
 @pytest.fixture(scope="module")
 def sample_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("data")
-    assert data.main(["--sample", "--sample-size", "40", "--test-size", "0.2", "--out-dir", str(folder)]) == 0
+    assert data.main(["--sample", "--sample-size", "40", "--test-size", "0.2", "--output-dir", str(folder)]) == 0
     return folder / data.TRAIN_FILE, folder / data.TEST_FILE
 
 
@@ -116,13 +116,13 @@ def tiny(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, sample_files, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, config.TrainConfig]:
+def trained(tiny, sample_files, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, config.FinetuneConfig]:
     """Three steps of the model's shipped config on the tiny model (LoRA in fp32 here), adapter merged too."""
     name, folder = tiny
     cfg = config.load_config(azure.MODELS[name].config, {
         "model": str(folder), "train_file": str(sample_files[0]), "test_file": str(sample_files[1]),
         "output_dir": str(tmp_path_factory.mktemp(f"out-{name}")), "max_steps": 3, "gradient_accumulation_steps": 1,
-        "eval_steps": 0, "save_steps": 100, "logging_steps": 1, "max_seq_length": 64, "learning_rate": 1e-2,
+        "eval_strategy": "no", "save_steps": 100, "logging_steps": 1, "max_seq_length": 64, "learning_rate": 1e-2,
     })
     train.run(cfg, merge=True)
     return name, folder, cfg
@@ -253,12 +253,14 @@ def test_each_model_ships_a_config_for_its_hub_model() -> None:
     assert set(azure.MODELS) == set(PUBLISHED) == set(hub)
     for name, spec in azure.MODELS.items():
         cfg = config.load_config(spec.config)
-        assert cfg.model == hub[name]
-        assert cfg.target_modules == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-        assert cfg.load_in_4bit and cfg.bf16 and cfg.gradient_checkpointing
-        assert cfg.group_by_length and not cfg.packing  # fastest measured on a GPU
+        assert cfg.finetune.model == hub[name]
+        assert cfg.finetune.target_modules == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        assert cfg.finetune.load_in_4bit and cfg.training.activation_checkpointing
+        assert config.read_config(spec.config)["bf16"]  # bf16, or fp16 on GPUs without it (fp32 here: no CUDA)
+        # fastest measured on a GPU
+        assert cfg.training.train_sampling_strategy == "group_by_length" and not cfg.finetune.packing
         # 4 x 2048 tokens is what bench/gpu.py measured for both shapes (README "On a GPU")
-        assert (cfg.per_device_train_batch_size, cfg.max_seq_length) == (4, 2048)
+        assert (cfg.training.per_device_train_batch_size, cfg.finetune.max_seq_length) == (4, 2048)
 
 
 def test_context_caps_give_every_request_the_kv_cache_of_a_full_phi3_mini_request() -> None:
