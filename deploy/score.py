@@ -11,11 +11,13 @@ import hmac
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from queue import Empty, Queue
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
@@ -113,16 +115,48 @@ def _headers(dropped: int, answer: Answer | None = None) -> dict[str, str]:
     return headers
 
 
-def score(body: bytes) -> tuple[dict, int, dict[str, str]]:
-    """The contract without HTTP: (payload, status, headers). Used by run() and by tests."""
+def score(body: bytes, client_gone: Callable[[], bool] = lambda: False) -> tuple[dict, int, dict[str, str]]:
+    """The contract without HTTP: (payload, status, headers). Used by run() and by tests.
+
+    While it waits, a client that has hung up (`client_gone`) or a request past its deadline is dropped from
+    the batch: nobody would read the answer, and its slot serves others.
+    """
     try:
         job, dropped = submit(body)
-        answer = job.future.result(timeout=_timeout_s + 5)
+        give_up = time.monotonic() + _timeout_s + 30  # in case the engine never resolves the job
+        while True:
+            try:
+                answer = job.future.result(timeout=0.25)
+                break
+            except TimeoutError:
+                if client_gone():
+                    job.cancel()
+                    return {"message": "the client closed the connection; generation was stopped"}, 499, {}
+                if time.monotonic() > give_up:  # past the deadline the engine resolves it with Expired at its next step
+                    job.cancel()
+                    return {"message": f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped"}, 504, {}
     except ServingError as exc:
         return {"message": str(exc)}, exc.status, dict(exc.headers)
-    except TimeoutError:
-        return {"message": f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped"}, 504, {}
     return {"output": answer.text}, 200, _headers(dropped, answer)
+
+
+def _hung_up(request: Any) -> Callable[[], bool]:
+    """Whether the client closed its connection: a zero-byte peek at the socket gunicorn hands the app."""
+    sock = request.environ.get("gunicorn.socket")
+
+    def gone() -> bool:
+        if sock is None:
+            return False
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False  # nothing to read: the client is still waiting
+            return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""  # readable and empty: it hung up
+        except (BlockingIOError, TimeoutError):
+            return False
+        except OSError:  # reset by the peer
+            return True
+
+    return gone
 
 
 def _event(name: str, data: dict) -> str:
@@ -193,7 +227,7 @@ def run(request: Any) -> Any:
     except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
         return _json({"message": "the request body did not arrive in time: send it whole"}, 408)
     if STREAM_MEDIA_TYPE not in (request.headers.get("Accept") or ""):
-        return _json(*score(body))
+        return _json(*score(body, _hung_up(request)))
     try:
         job, dropped = submit(body, stream=True)
         first = _first_tokens(job)

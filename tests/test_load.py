@@ -44,3 +44,39 @@ def test_full_queue_answers_503_with_retry_after(embedded_dir, tmp_path):
     assert set(statuses) == {200, 503}, statuses
     busy = [r for r in responses if r.status_code == 503]
     assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["message"] for r in busy)
+
+
+LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
+                       "parameters": {"max_new_tokens": 4096, "temperature": 2.0}}}
+SHORT = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
+                        "parameters": {"max_new_tokens": 16, "temperature": 0}}}
+
+
+def test_long_requests_hold_no_one_back_and_stop_when_their_clients_leave(embedded_dir, tmp_path):
+    """8 clients asking for 4,096 sampled tokens: a short greedy request joins their running batch (it is
+    answered while they generate), and once those clients hang up their generation stops."""
+    import socket
+    import time
+
+    with LocalEndpoint(embedded_dir, key=SECRET, log_file=tmp_path / "server.log", threads=32) as endpoint:
+        raw = __import__("json").dumps(LONG).encode()
+        host, port = "127.0.0.1", endpoint.port
+        clients = []
+        for _ in range(8):
+            sock = socket.create_connection((host, port))
+            sock.sendall(f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SECRET}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            clients.append(sock)
+        time.sleep(3)
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        short = requests.post(endpoint.url, json=SHORT, headers=headers, timeout=300)
+        assert short.status_code == 200 and "Paris" in short.json()["output"]
+        assert int(short.headers["x-phi3flow-batch-size"]) >= 5  # it joined the running long ones
+        for sock in clients:
+            sock.close()  # the clients leave; nobody will read those answers
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            alone = requests.post(endpoint.url, json=SHORT, headers=headers, timeout=300)
+            if alone.headers["x-phi3flow-batch-size"] == "1":
+                break
+        assert alone.headers["x-phi3flow-batch-size"] == "1"  # the long ones were dropped, not run to 4,096 tokens

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 
-from phi3serve.contract import DEFAULTS, Busy, GenerationFailed, Unavailable
+from phi3serve.contract import DEFAULTS, Busy, Expired, GenerationFailed, Unavailable
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.loop import LoopEngine
 from phi3serve.model import ChatModel
@@ -126,10 +126,12 @@ class ContinuousEngine(Bounded):
         now = time.monotonic()
         with self.lock:
             gone = [request_id for request_id, job in self.inflight.items() if job.expired(now)]
+            abandoned = [self.inflight.pop(request_id) for request_id in gone]
             for request_id in gone:
-                del self.inflight[request_id]
                 self.streamed.pop(request_id, None)
         for request_id in gone:
             self.manager.cancel_request(request_id)
+        for job in abandoned:
+            job.resolve(Expired("generation stopped: nobody waits for the answer"))
         if gone:
             log.info("Cancelled %d request(s) nobody waits for", len(gone))

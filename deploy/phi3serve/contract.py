@@ -65,6 +65,12 @@ class GenerationFailed(ServingError):
     status = 500
 
 
+class Expired(ServingError):
+    """Nobody waits for this answer any more (past the server's deadline, or the client hung up): generation stopped."""
+
+    status = 504
+
+
 class Unavailable(ServingError):
     """The generation engine cannot serve (it stopped); liveness fails so the container is restarted."""
 

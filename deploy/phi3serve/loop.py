@@ -17,7 +17,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from phi3serve.contract import Busy, GenerationFailed, ServingError
+from phi3serve.contract import Busy, Expired, GenerationFailed, ServingError
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import ChatModel
 
@@ -257,7 +257,8 @@ class LoopEngine(Bounded):
 
         try:
             for job, tokens in self.decoder.decode(list(batch), admit, self.max_batch):
-                job.resolve(Answer(self.model.text(tokens), len(tokens), job.batch_size))
+                job.resolve(Expired(f"generation stopped after {len(tokens)} tokens: nobody waits for the answer")
+                            if job.expired() else Answer(self.model.text(tokens), len(tokens), job.batch_size))
         except Exception as exc:  # noqa: BLE001 - handed to every job of this batch; the worker keeps serving
             log.exception("Generation failed")
             error = exc if isinstance(exc, ServingError) else GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
