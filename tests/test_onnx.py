@@ -1,0 +1,196 @@
+"""`phi3flow export onnx` and the ONNX engine: export the embedded model to int4 with onnxruntime-genai's
+builder, serve the folder through the scoring script and run the contract checks on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'phi3flow[onnx]')")
+
+from phi3flow.deploy import score  # noqa: E402
+from phi3flow.cli import main  # noqa: E402
+from phi3flow.export import ExportError, export_onnx  # noqa: E402
+from phi3serve.contract import Busy  # noqa: E402
+from phi3serve.engine import Job  # noqa: E402
+from phi3serve.model import ChatModel  # noqa: E402
+from phi3serve.onnx_engine import OnnxChatModel, OnnxEngine  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+
+def body(turns, **params) -> bytes:
+    return json.dumps({"input_data": {"input_string": turns, "parameters": {"temperature": 0, "max_new_tokens": 24, **params}}}).encode()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(embedded_dir, tmp_path_factory):
+    return export_onnx(embedded_dir, tmp_path_factory.mktemp("onnx") / "int4")
+
+
+@pytest.fixture(scope="module")
+def served(onnx_dir):
+    """score.score() over the exported folder, loaded and dispatched the way the server does it."""
+    model = ChatModel.load(onnx_dir)
+    engine = score.engine_for(model, max_batch=8, max_queue=8, wait_s=0.05)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(score, "_model", model)
+        patch.setattr(score, "_engine", engine)
+        yield model, engine
+    engine.close()
+
+
+def test_export_writes_a_genai_folder_that_stops_on_the_end_of_turn_token(onnx_dir, embedded_dir):
+    config = json.loads((onnx_dir / "genai_config.json").read_text())
+    metadata = json.loads((onnx_dir / "phi3flow_metadata.json").read_text())
+    assert (onnx_dir / "model.onnx").is_file() and (onnx_dir / "tokenizer.json").is_file()
+    assert metadata["onnx"] == {"precision": "int4", "target": "cpu", "source": str(embedded_dir)}
+    hf = ChatModel.load(embedded_dir)
+    assert set(hf.stop_ids) <= set(config["model"]["eos_token_id"])
+    assert sum(p.stat().st_size for p in onnx_dir.iterdir()) < 0.5 * sum(p.stat().st_size for p in embedded_dir.iterdir())
+
+
+def test_the_server_picks_the_onnx_engine_from_the_folder(served, monkeypatch):
+    model, engine = served
+    assert isinstance(model, OnnxChatModel) and isinstance(engine, OnnxEngine) and engine.healthy()
+    assert model.context == 8192 and model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.stop_ids
+    monkeypatch.setenv("PHI3FLOW_ENGINE", "loop")
+    with pytest.raises(RuntimeError, match="ONNX"):
+        score.engine_for(model, max_batch=1, max_queue=1, wait_s=0.01)
+
+
+def test_single_turn_answers_from_the_model(served):
+    payload, status, headers = score.score(body(user("What is the capital of France?")))
+    assert status == 200
+    assert "Paris" in payload["output"]
+    assert headers["x-phi3flow-batch-size"] == "1" and headers["x-phi3flow-batch-invariant"] == "false"
+
+
+def test_generation_stops_at_end_of_turn_and_at_max_new_tokens(served):
+    model, engine = served
+    payload, _, _ = score.score(body(user("Say hello."), max_new_tokens=200))
+    assert 0 < len(model.tokenizer(payload["output"])["input_ids"]) < 200  # the end-of-turn token stopped it
+    job = Job(model.encode(user("Write a long essay about rivers."), 7)[0], score.parse_request(body(user("x"), max_new_tokens=7)).params)
+    engine.submit(job)
+    assert job.future.result(timeout=60).tokens == 7
+
+
+def test_sampling_parameters_are_honoured(served):
+    story = user("Tell me a story.")
+    answers = {score.score(body(story, temperature=1.5, top_p=0.9, max_new_tokens=12))[0]["output"] for _ in range(3)}
+    assert len(answers) > 1  # sampled, not greedy
+    payload, status, _ = score.score(body(story, repetition_penalty=1.3, max_new_tokens=8))
+    assert status == 200 and payload["output"]
+    greedy = {score.score(body(story, max_new_tokens=12, do_sample=False, temperature=1.0))[0]["output"] for _ in range(2)}
+    assert len(greedy) == 1
+
+
+def test_long_conversations_drop_oldest_turns_and_bad_input_is_a_4xx(served, monkeypatch):
+    model, _ = served
+    monkeypatch.setattr(model, "context", 160)
+    old = [{"role": "user", "content": "Tell me about rivers. " * 10}, {"role": "assistant", "content": "Rivers flow. " * 10}]
+    payload, status, headers = score.score(body(old * 3 + user("Who founded Microsoft?"), max_new_tokens=16))
+    assert status == 200 and int(headers["x-phi3flow-truncated-turns"]) >= 2
+    payload, status, _ = score.score(body(user("word " * 400), max_new_tokens=16))
+    assert status == 400 and "shorten it or lower parameters.max_new_tokens" in payload["message"]
+    payload, status, _ = score.score(body([{"role": "robot", "content": "hi"}]))
+    assert status == 400 and "role must be one of" in payload["message"]
+    payload, status, _ = score.score(body(user("hi"), top_p=0))
+    assert status == 400 and "top_p" in payload["message"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served):
+    questions = [f"What is the capital of {country}?" for country in ("France", "Japan", "Egypt", "Canada")] * 2
+    with ThreadPoolExecutor(len(questions)) as pool:
+        results = list(pool.map(lambda q: score.score(body(user(q), max_new_tokens=16)), questions))
+    assert all(status == 200 for _, status, _ in results)
+    assert max(int(headers["x-phi3flow-batch-size"]) for _, _, headers in results) > 1
+    answers = [payload["output"] for payload, _, _ in results]
+    assert len(set(answers[:4])) == 4  # four questions, four answers: no request got another's tokens
+    assert "Paris" in answers[0] and "Tokyo" in answers[1]
+
+
+def test_streamed_deltas_add_up_to_the_json_answer(served):
+    raw = body(user("Who founded Microsoft?"))
+    payload, _, _ = score.score(raw)
+    job, dropped = score.submit(raw, stream=True)
+    events = [e for e in score.stream_events(job, dropped, score._first_tokens(job)) if e]
+    parsed = [(e.split("\n")[0].removeprefix("event: "), json.loads(e.split("\n")[1].removeprefix("data: "))) for e in events]
+    deltas = [data["text"] for name, data in parsed if name == "delta"]
+    assert len(deltas) > 3 and "".join(deltas) == payload["output"] == parsed[-1][1]["output"]
+
+
+def test_abandoned_requests_stop_and_the_queue_is_bounded(served):
+    model, engine = served
+    ids, _ = model.encode(user("Write a very long essay about rivers."), 2000)
+    params = score.parse_request(body(user("x"), max_new_tokens=2000)).params
+    jobs, refused = [], []
+    for _ in range(24):  # 8 generating + 8 waiting fit; the rest are refused
+        job = Job(ids, params, deadline=time.monotonic() + 30)
+        try:
+            engine.submit(job)
+            jobs.append(job)
+        except Busy as busy:
+            refused.append(busy)
+        time.sleep(0.1)  # the worker admits between decode steps
+    assert refused and refused[0].status == 503 and len(jobs) >= 16
+    for job in jobs:
+        job.cancel()
+    deadline = time.monotonic() + 30
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not engine.running  # every generating request stopped at its next step
+    finished = [job.future.result() for job in jobs if job.future.done()]
+    assert len(finished) >= 8 and all(answer.tokens < 2000 for answer in finished)  # dropped, not run to the end
+    assert score.score(body(user("Hi"), max_new_tokens=4))[1] == 200
+
+
+def test_a_lora_adapter_is_merged_then_exported(embedded_dir, tmp_path, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_dir),
+                             LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(embedded_dir)}))
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setenv("PHI3FLOW_DTYPE", "float32")  # merged and compared in fp32, as exported
+    out = export_onnx(tmp_path / "adapter", tmp_path / "onnx", precision="fp32")
+    merged, base = ChatModel.load(tmp_path / "adapter"), ChatModel.load(embedded_dir)
+    model = ChatModel.load(out)
+    engine = OnnxEngine(model, max_batch=2, max_queue=2)
+    try:
+        ids, _ = model.encode(user("Who founded Microsoft?"), 12)
+        job = Job(ids, score.parse_request(body(user("x"), max_new_tokens=12)).params)
+        engine.submit(job)
+        text = job.future.result(timeout=60).text
+    finally:
+        engine.close()
+    # fp32 ONNX of the merged model greedily continues like the merged transformers model, not like the base
+    with torch.inference_mode():
+        expected = merged.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        plain = base.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert text == merged.text(expected) != base.text(plain)
+
+
+def test_unsupported_architectures_and_combinations_get_a_clear_error(embedded_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportError, match="GPT2LMHeadModel architecture cannot be converted"):
+        export_onnx(tmp_path / "gpt2", tmp_path / "out")
+    assert main(["export", "onnx", "--model-dir", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "o2"), "--precision", "fp16"]) == 1
+    assert "phi3flow export: fp16 runs on a GPU only" in capsys.readouterr().err
+    assert main(["export", "onnx", "--model-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o3")]) == 1
+    assert "No model found" in capsys.readouterr().err
