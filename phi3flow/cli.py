@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from phi3flow.errors import Phi3flowError
+
 # command -> (module with main(argv) -> int, one-line help); in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("phi3flow.finetune.data", "prepare train/test JSONL (ultrachat_200k, offline sample, or your file)"),
@@ -43,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phi3flow: unknown command '{args[0]}'.\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[args[0]][0])
-    return int(module.main(args[1:]) or 0)
+    try:
+        return int(module.main(args[1:]) or 0)
+    except Phi3flowError as exc:  # the one place errors meet the user: a message, no traceback
+        print(f"phi3flow {args[0]}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
