@@ -19,7 +19,9 @@ from phi3flow.offline import stop_pf_service
 from phi3flow.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
-FP32 = {"PHI3FLOW_DTYPE": "float32"}
+# float32 on a CPU: batch-invariant greedy decoding. A generous generation deadline: on a busy machine the default
+# (90 s) would cut answers short under load, which is not what these tests are about.
+FP32 = {"PHI3FLOW_DTYPE": "float32", "PHI3FLOW_REQUEST_TIMEOUT_S": "900"}
 CLIENTS = 8
 
 
@@ -77,7 +79,7 @@ def test_greedy_eval_is_reproducible_at_any_concurrency_and_against_itself(fp32_
         runs = {f"c{c}": ["--candidate", "same_a", "--concurrency", str(c)] for c in (1, CLIENTS)}
         runs["itself"] = ["--candidate", "same_a", "--baseline", "same_b", "--concurrency", str(CLIENTS)]
         for name, argv in runs.items():
-            assert compare.main([*argv, "--data", str(data), "--out", str(tmp_path / name), "--max-new-tokens", "48"]) == 0
+            assert compare.main([*argv, "--data", str(data), "--output-dir", str(tmp_path / name), "--max-new-tokens", "48"]) == 0
     finally:
         stop_pf_service()
 
