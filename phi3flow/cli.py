@@ -14,7 +14,7 @@ from phi3flow.errors import Phi3flowError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("phi3flow.finetune.data", "prepare train/test JSONL (ultrachat_200k, offline sample, or your file)"),
     "finetune": ("phi3flow.finetune.train", "LoRA/QLoRA fine-tune a chat model"),
-    "azure": ("phi3flow.finetune.azure", "submit fine-tuning, register and deploy on Azure Machine Learning"),
+    "azure": ("phi3flow.azure", "submit fine-tuning, register and deploy on Azure Machine Learning"),
     "export": ("phi3flow.export", "export a model or LoRA adapter to an ONNX Runtime GenAI folder (int4 by default)"),
     "serve": ("phi3flow.serve", "serve a model locally under azmlinfsrv with the AzureML endpoint contract"),
     "connect": ("phi3flow.connect", "create the Prompt Flow CustomConnection for an endpoint"),

@@ -36,10 +36,10 @@ from azure.ai.ml.entities import (  # noqa: E402
 from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 
-from phi3flow.finetune import azure  # noqa: E402
+from phi3flow import azure  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_DIR = REPO / "finetune" / "azureml"
+SPEC_DIRS = [REPO / "finetune" / "azureml", REPO / "deploy" / "azureml"]  # each stage holds its own specs
 ENTITY_TYPES: dict[str, type] = {
     "compute.yml": AmlCompute,
     "train-environment.yml": Environment,
@@ -105,10 +105,11 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_every_spec_file_is_known_and_declares_its_schema() -> None:
-    resources = {p.name for p in SPEC_DIR.glob("*.y*ml") if not p.stem.endswith("-conda")}
-    assert resources == set(azure.SPECS) == set(ENTITY_TYPES)
-    for name in resources:
-        first = (SPEC_DIR / name).read_text().splitlines()[0]
+    assert azure.SPEC_DIRS == SPEC_DIRS
+    paths = {p.name: p for folder in SPEC_DIRS for p in folder.glob("*.y*ml") if not p.stem.endswith("-conda")}
+    assert set(paths) == set(azure.SPECS) == set(ENTITY_TYPES)
+    for name, path in paths.items():
+        first = path.read_text().splitlines()[0]
         assert first.startswith("$schema: https://azuremlschemas.azureedge.net/latest/"), name
 
 
@@ -119,8 +120,9 @@ def test_spec_loads_with_its_azure_ml_loader(name: str) -> None:
 
 def test_loaders_reject_an_invalid_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checks above mean something: a wrong type and an unbound job input are both refused."""
-    shutil.copytree(SPEC_DIR, tmp_path, dirs_exist_ok=True)
-    monkeypatch.setattr(azure, "SPEC_DIR", tmp_path)
+    for folder in SPEC_DIRS:
+        shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setattr(azure, "SPEC_DIRS", [tmp_path])
     deployment = tmp_path / "deployment.yml"
     deployment.write_text(deployment.read_text().replace("instance_count: 1", "instance_count: many"))
     with pytest.raises(azure.SetupError, match="deployment.yml is not valid"):
@@ -132,7 +134,7 @@ def test_loaders_reject_an_invalid_spec(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_no_retired_or_cpu_sku() -> None:
-    for path in SPEC_DIR.iterdir():
+    for path in (p for folder in SPEC_DIRS for p in folder.iterdir()):
         assert "Standard_NC6s_v3" not in path.read_text(), path.name
     assert GPU_SKU.match(spec("compute.yml").size)
     assert GPU_SKU.match(spec("deployment.yml").instance_type)
@@ -275,7 +277,7 @@ def test_specs_as_written_are_the_default_models() -> None:
     assert spec("finetune-job.yml").inputs["config"]._data == default.config
     assert spec("model.yml").name == azure.registered_name(azure.DEFAULT_MODEL)
     assert spec("deployment.yml").environment_variables[azure.CONTEXT_ENV] == str(default.max_context)
-    assert not (SPEC_DIR / "chat-completion-pipeline.yml").exists()  # the catalog fine-tunes none of the models
+    assert not any((folder / "chat-completion-pipeline.yml").exists() for folder in SPEC_DIRS)  # the catalog fine-tunes none of the models
 
 
 def test_context_cap_is_the_variable_the_server_reads() -> None:

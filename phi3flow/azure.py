@@ -1,4 +1,7 @@
-"""`phi3flow azure`: fine-tune, register and deploy on Azure Machine Learning from the specs in azureml/.
+"""`phi3flow azure`: fine-tune, register and deploy on Azure Machine Learning from each stage's specs.
+
+The fine-tuning specs (compute, training environment, data, job) live in finetune/azureml/, the serving specs
+(model, inference environment, endpoint, deployment) in deploy/azureml/, beside the code each runs.
 
 The YAML specs are the source of truth (they work with `az ml ... --file` too); this module only loads
 them with azure-ai-ml's own loaders, fills in what is known at run time (model, job name, data files, SKU) and
@@ -11,9 +14,8 @@ fine-tunes any of these models (azureml-assets: Phi-3-mini-4k and Phi-3.5-mini a
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -22,13 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from phi3flow.errors import Phi3flowError
 from phi3flow.finetune.config import read_config
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
     from azure.core.credentials import TokenCredential
 
-SPEC_DIR = Path(__file__).resolve().parent / "azureml"
+# Each stage's specs, found where the package is installed (a checkout's folders in an editable install).
+SPEC_DIRS = [Path(importlib.util.find_spec(stage).submodule_search_locations[0]) / "azureml"
+             for stage in ("phi3flow.finetune", "phi3flow.deploy")]
 # spec file -> the azure.ai.ml loader that validates it
 SPECS: dict[str, str] = {
     "compute.yml": "load_compute",
@@ -92,14 +97,23 @@ def load_spec(name: str, overrides: list[dict[str, Any]] | None = None) -> Any:
     from azure.ai.ml.exceptions import MlException
     from marshmallow import ValidationError  # what the loaders raise for a field of the wrong shape
 
+    path = spec_path(name)
     try:
-        entity = getattr(ml, SPECS[name])(SPEC_DIR / name, params_override=overrides or [])
+        entity = getattr(ml, SPECS[name])(path, params_override=overrides or [])
         if SPECS[name] == "load_job":  # the SDK's offline job checks, e.g. every ${{inputs.x}} is declared
             entity._validate(raise_error=True)
             entity.component._validate(raise_error=True)
     except (MlException, ValidationError) as exc:
-        raise SetupError(f"{SPEC_DIR / name} is not valid: {exc}") from None
+        raise SetupError(f"{path} is not valid: {exc}") from None
     return entity
+
+
+def spec_path(name: str) -> Path:
+    """The spec file `name` in the stage folder that holds it."""
+    for folder in SPEC_DIRS:
+        if (folder / name).is_file():
+            return folder / name
+    raise SetupError(f"no spec {name} in {' or '.join(str(folder) for folder in SPEC_DIRS)}")
 
 
 def _require_file(entity: Any, folder: str, file: str, why: str) -> None:
@@ -298,7 +312,7 @@ COMMANDS: dict[str, tuple[Plan, Report, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phi3flow azure",
-        description=f"Fine-tune, register and deploy on Azure Machine Learning from the specs in {SPEC_DIR}. "
+        description=f"Fine-tune, register and deploy on Azure Machine Learning from the specs in {' and '.join(str(folder) for folder in SPEC_DIRS)}. "
         f"Workspace: env vars {', '.join(WORKSPACE_ENV)}, or config.json in this folder or a parent. "
         "Credentials: DefaultAzureCredential (az login; service principal env vars; a managed identity, "
         "AZURE_CLIENT_ID picking a user-assigned one), or --client-id for a managed identity.",
