@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/hostile_clients.py
 	$(PY) bench/interrupted_eval.py
 	$(PY) bench/stream.py
+	$(PY) bench/onnx_vs_loop.py
 
 flow-wheel: install
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
