@@ -101,7 +101,8 @@ def served(request, model, monkeypatch_module):
     engine = score.engine_for(model, max_batch=8, max_queue=16, wait_s=0.05)
     monkeypatch_module.setattr(score, "_model", model)
     monkeypatch_module.setattr(score, "_engine", engine)
-    return engine
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,7 @@ def test_library_engine_answers_like_the_decode_loop(fp32_model):
     loop = LoopEngine(fp32_model, max_batch=1)
     engine = ContinuousEngine(fp32_model, max_batch=4, max_queue=8, fallback=loop)
     together = staggered(engine, fp32_model, requests)
+    engine.close()
     assert [a.text for a in together] == [ask(loop, fp32_model, r)[0].text for r in requests]
     assert max(a.batch_size for a in together) > 1
 
@@ -265,6 +267,7 @@ def test_abandoned_requests_stop_generating(fp32_model):
         with pytest.raises(Expired) as stopped:
             job.future.result(timeout=30)
         assert stopped.value.status == 504
+        engine.close()
 
 
 @pytest.mark.model

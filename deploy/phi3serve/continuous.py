@@ -40,8 +40,10 @@ class ContinuousEngine(Bounded):
         cuda = model.device.type == "cuda"
         # Measured on an H200 (bench/gpu.py): async double-buffering was 2-3.5x slower with SDPA's masks, and
         # compiling the paths (default_compile_level 1) failed in torch 2.11's inductor; CUDA graphs alone win.
+        # On a GPU the paged cache takes the library's share of free memory; on a CPU (tests, PHI3FLOW_ENGINE=continuous)
+        # its default share of free RAM (60%) per engine would exhaust the machine: a tenth is plenty there.
         config = ContinuousBatchingConfig(per_request_processors=True, use_cuda_graph=cuda, use_async_batching=False,
-                                          max_requests_per_batch=max_batch)
+                                          max_requests_per_batch=max_batch, max_memory_percent=None if cuda else 0.1)
         self.manager = model.model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         if warmup:
             started = time.monotonic()
@@ -57,7 +59,8 @@ class ContinuousEngine(Bounded):
 
     def close(self) -> None:
         if self.manager.is_running():
-            self.manager.stop(block=True, timeout=10)
+            self.manager.stop(block=True, timeout=10)  # also gives its paged cache back
+        self.fallback.close()
 
     def submit(self, job: Job) -> None:
         if job.params.repetition_penalty != 1.0:

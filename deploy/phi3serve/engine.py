@@ -68,6 +68,9 @@ class Engine(Protocol):
     def healthy(self) -> bool:
         """False once the engine can no longer serve (its worker died): liveness fails and Azure restarts."""
 
+    def close(self) -> None:
+        """Drop every job and stop generating (also run at interpreter exit)."""
+
 
 class Bounded:
     """The queue bound and worker-liveness bookkeeping both engines share."""
