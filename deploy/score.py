@@ -60,7 +60,7 @@ def init() -> None:
     _timeout_s = float(_env_int(TIMEOUT_ENV, 90))
     _max_new_tokens = _env_int(MAX_NEW_TOKENS_ENV, _max_new_tokens)
     _model = ChatModel.load(model_dir)
-    _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 8),
+    _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 16),
                          wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
     threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
     log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
@@ -151,10 +151,10 @@ def _hung_up(request: Any) -> Callable[[], bool]:
             if not select.select([sock], [], [], 0)[0]:
                 return False  # nothing to read: the client is still waiting
             return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""  # readable and empty: it hung up
-        except (BlockingIOError, TimeoutError):
-            return False
-        except OSError:  # reset by the peer
+        except (ConnectionResetError, BrokenPipeError):
             return True
+        except OSError:  # anything else is no proof the client left
+            return False
 
     return gone
 

@@ -91,7 +91,7 @@ class LocalEndpoint:
     """A local managed-online-endpoint look-alike: azmlinfsrv + score.py, started and stopped by us."""
 
     def __init__(self, model_dir: Path, port: int | None = None, key: str | None = None, log_file: Path | None = None,
-                 workers: int = 1, threads: int = 32, env: dict[str, str] | None = None):
+                 workers: int = 1, threads: int = 48, env: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
         self.port = port or free_port()
         self.key = key or secrets.token_urlsafe(32)
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")
     add_key_options(parser, "a new one is generated and printed once (clients send it as 'Authorization: Bearer <key>')")
     parser.add_argument("--workers", type=int, default=1, help="inference server worker processes (each loads the model)")
-    parser.add_argument("--threads", type=int, default=32, help="concurrent requests per worker, batched together (default 32)")
+    parser.add_argument("--threads", type=int, default=48,
+                        help="concurrent requests per worker (default 48: 16 decoded together + 16 waiting, beyond that 503)")
     args = parser.parse_args(argv)
     key = key_from(args, parser, ask=False)
     endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=key, workers=args.workers, threads=args.threads)

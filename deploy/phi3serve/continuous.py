@@ -135,6 +135,6 @@ class ContinuousEngine(Bounded):
         for request_id in gone:
             self.manager.cancel_request(request_id)
         for job in abandoned:
-            job.resolve(Expired("generation stopped: nobody waits for the answer"))
+            job.resolve(Expired("generation stopped: past the server's deadline (PHI3FLOW_REQUEST_TIMEOUT_S) or the client left"))
         if gone:
             log.info("Cancelled %d request(s) nobody waits for", len(gone))

@@ -257,7 +257,8 @@ class LoopEngine(Bounded):
 
         try:
             for job, tokens in self.decoder.decode(list(batch), admit, self.max_batch):
-                job.resolve(Expired(f"generation stopped after {len(tokens)} tokens: nobody waits for the answer")
+                job.resolve(Expired(f"generation stopped after {len(tokens)} tokens: past the server's deadline "
+                                    f"(PHI3FLOW_REQUEST_TIMEOUT_S) or the client left")
                             if job.expired() else Answer(self.model.text(tokens), len(tokens), job.batch_size))
         except Exception as exc:  # noqa: BLE001 - handed to every job of this batch; the worker keeps serving
             log.exception("Generation failed")
