@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from queue import Queue
 from typing import Protocol
 
-from phi3serve.contract import ChatRequest, Parameters
+from phi3serve.contract import Busy, ChatRequest, Parameters
 from phi3serve.model import ChatModel
 
 ENGINE_ENV = "PHI3FLOW_ENGINE"  # auto (default), loop or continuous
@@ -79,6 +79,15 @@ class Bounded:
         self.max_queue = max_queue
         self.lock = threading.Condition()
         self.worker: threading.Thread | None = None
+        self.waiting: list[Job] = []  # jobs not yet taken into a batch, oldest first
+
+    def submit(self, job: Job) -> None:
+        """Queue a job for the worker; Busy (503 + Retry-After) when `max_queue` already wait."""
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise Busy()
+            self.waiting.append(job)
+            self.lock.notify()
 
     def start_worker(self, target, name: str) -> None:
         self.worker = threading.Thread(target=target, name=name, daemon=True)

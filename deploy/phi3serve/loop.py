@@ -17,7 +17,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from phi3serve.contract import Busy, Expired, GenerationFailed, ServingError
+from phi3serve.contract import Expired, GenerationFailed, ServingError
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import ChatModel
 
@@ -184,7 +184,6 @@ class LoopEngine(Bounded):
         self.model, self.decoder = model, Decoder(model)
         self.max_batch, self.wait_s, self.gap_s = max_batch, wait_s, gap_s
         self.join_min, self.join_every, self.steps_since_join = 4, 4, 0
-        self.waiting: list[Job] = []
         self.running: list[Job] = []  # the batch being decoded, joiners included
         # Batch-invariant greedy answers need fp32 arithmetic (the padding of a batch changes bf16 rounding).
         self.batch_invariant = model.dtype == torch.float32 and model.device.type == "cpu"
@@ -199,13 +198,6 @@ class LoopEngine(Bounded):
         deadline = time.monotonic() + timeout_s
         while self.running and time.monotonic() < deadline:
             time.sleep(0.01)
-
-    def submit(self, job: Job) -> None:
-        with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise Busy()
-            self.waiting.append(job)
-            self.lock.notify()
 
     def _take(self, limit: int) -> list[Job]:
         """Up to `limit` live waiting jobs, oldest first (lock held)."""

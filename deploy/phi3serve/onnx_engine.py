@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from phi3serve.contract import Busy, GenerationFailed
+from phi3serve.contract import GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped
 
@@ -74,7 +74,6 @@ class OnnxEngine(Bounded):
         super().__init__(max_queue)
         self.model, self.max_batch = model, max_batch
         self.stop_ids = set(model.stop_ids)
-        self.waiting: list[Job] = []
         self.running: dict[int, Running] = {}  # id(request) -> its job
         self.stopping = False
         ready: dict[str, Any] = {}
@@ -93,13 +92,6 @@ class OnnxEngine(Bounded):
         config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.max_batch}}}))
         self.og = og
         return og.Engine(og.Model(config))
-
-    def submit(self, job: Job) -> None:
-        with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise Busy()
-            self.waiting.append(job)
-            self.lock.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Drop every job and stop the worker (at its next step)."""
