@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -108,3 +111,23 @@ def embedded_dir() -> Path:
     from phi3flow.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+def pf(*args: str) -> subprocess.CompletedProcess:
+    """This environment's `pf` CLI, run from the repository root."""
+    from phi3flow.offline import pf_executable
+
+    return subprocess.run([pf_executable(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@contextmanager
+def pf_connection(url: str, key: str) -> Iterator[str]:
+    """The chat flow's connection `phi3_endpoint` for an endpoint (its key never echoed); pf's service stopped after."""
+    from phi3flow.offline import stop_pf_service
+
+    result = pf("connection", "create", "-f", "connections/phi3_endpoint.yaml",
+                "--set", f"configs.endpoint={url}", f"secrets.key={key}")
+    assert result.returncode == 0, result.stderr
+    assert key not in result.stdout + result.stderr
+    yield "phi3_endpoint"
+    stop_pf_service()

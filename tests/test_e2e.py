@@ -10,8 +10,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import REPO, SECRET
-from phi3flow.offline import pf_executable, stop_pf_service
+from conftest import REPO, SECRET, pf, pf_connection
 from phi3flow.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -27,18 +26,10 @@ def served(embedded_dir, tmp_path_factory):
     assert SECRET not in log.read_text()
 
 
-def pf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([pf_executable(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def connection(served):
-    result = pf("connection", "create", "-f", "connections/phi3_endpoint.yaml",
-                "--set", f"configs.endpoint={served.url}", f"secrets.key={served.key}")
-    assert result.returncode == 0, result.stderr
-    assert SECRET not in result.stdout + result.stderr
-    yield "phi3_endpoint"
-    stop_pf_service()
+    with pf_connection(served.url, served.key) as name:
+        yield name
 
 
 def test_endpoint_answers_with_the_contract(served):

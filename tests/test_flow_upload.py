@@ -62,24 +62,23 @@ def uploaded(folder: str, wheel: Path, tmp_path_factory) -> Path:
     return copy
 
 
-@pytest.fixture(scope="module")
-def chat_upload(wheel, tmp_path_factory):
-    """flows/chat in its own environment (its requirements.txt only) and a private PF home."""
-    folder = uploaded("flows/chat", wheel, tmp_path_factory)
-    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / "chat", "-r", "requirements.txt", cwd=folder)
+def uploaded_with_environment(flow: str, name: str, wheel, tmp_path_factory):
+    """A flow folder in its own environment (its requirements.txt only) and a private PF home, closed after."""
+    folder = uploaded(flow, wheel, tmp_path_factory)
+    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / name, "-r", "requirements.txt", cwd=folder)
     home = PromptFlowHome(tmp_path_factory.mktemp("pf-home"), bin_dir)
     yield folder, home
     home.close()
+
+
+@pytest.fixture(scope="module")
+def chat_upload(wheel, tmp_path_factory):
+    yield from uploaded_with_environment("flows/chat", "chat", wheel, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def eval_upload(wheel, tmp_path_factory):
-    """evaluation/flow in its own environment (its requirements.txt only) and a private PF home."""
-    folder = uploaded("evaluation/flow", wheel, tmp_path_factory)
-    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / "eval", "-r", "requirements.txt", cwd=folder)
-    home = PromptFlowHome(tmp_path_factory.mktemp("pf-home"), bin_dir)
-    yield folder, home
-    home.close()
+    yield from uploaded_with_environment("evaluation/flow", "eval", wheel, tmp_path_factory)
 
 
 def test_chat_folder_environment_lists_the_tool(chat_upload):

@@ -21,9 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from promptflow.connections import CustomConnection
 
-from conftest import REPO, SECRET, Reply
+from conftest import REPO, SECRET, Reply, pf, pf_connection
 from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse, to_messages
-from phi3flow.offline import pf_executable, stop_pf_service
+from phi3flow.offline import pf_executable
 from phi3flow.serve import free_port
 from phi3flow.tools.chat_endpoint import chat
 from phi3serve.contract import BATCH_SIZE_HEADER, STREAM_MEDIA_TYPE
@@ -307,17 +307,10 @@ def test_connection_lost_mid_stream_on_the_real_server_is_an_error(served):
 
 # --- the chat flow with stream on: `pf flow test`, and `pf flow serve` as the chat UI and Foundry call it ---
 
-def pf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([pf_executable(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def connection(served):
-    result = pf("connection", "create", "-f", "connections/phi3_endpoint.yaml",
-                "--set", f"configs.endpoint={served.url}", f"secrets.key={served.key}")
-    assert result.returncode == 0, result.stderr
-    yield "phi3_endpoint"
-    stop_pf_service()
+    with pf_connection(served.url, served.key) as name:
+        yield name
 
 
 def flow_answer(real: EndpointClient, question: str) -> str:
