@@ -15,8 +15,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from phi3serve.model import end_of_turn_id as template_end_of_turn
+from phi3serve.model import special_token_ids
+
 IGNORE_INDEX = -100  # label value the loss skips
-_SENTINEL = "phi3flow-sentinel-answer"
 
 
 class ChatTemplateError(Phi3flowError, ValueError):
@@ -29,24 +31,15 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
 
-def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids of every special token, including added control tokens not listed among all_special_ids."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
-    return ids
-
-
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The first special token the chat template writes after an assistant message (else EOS)."""
-    text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}])
-    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
-    special = special_token_ids(tokenizer)
-    for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
-        if token_id in special:
-            return token_id
-    if tokenizer.eos_token_id is None:
+    """The end-of-turn token by the serving side's own rule (phi3serve.model), so training and serving agree;
+    here a tokenizer without a chat template, or without any such token, is an error."""
+    if not tokenizer.chat_template:
+        raise ChatTemplateError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template")
+    end = template_end_of_turn(tokenizer)
+    if end is None:
         raise ChatTemplateError(f"cannot tell the end-of-turn token of {tokenizer.name_or_path!r}")
-    return tokenizer.eos_token_id
+    return end
 
 
 def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, end_of_turn: int) -> None:
