@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from queue import Empty, Queue
+from queue import Empty
 from typing import Any, Callable, Iterator
 
 from azureml_inference_server_http.api.aml_request import rawhttp
@@ -27,7 +27,7 @@ from werkzeug.exceptions import ClientDisconnected
 from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT, KEY_ENV,
                                 MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest, ServingError,
                                 Unavailable, parse_request)
-from phi3serve.engine import Answer, Engine, Job, engine_for
+from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
 
 log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
@@ -100,10 +100,7 @@ def submit(body: bytes, stream: bool = False) -> tuple[Job, int]:
     if request.params.max_new_tokens > _max_new_tokens:
         raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
                          f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}")
-    ids, dropped = _model.encode(request.messages, request.params.max_new_tokens)
-    job = Job(ids, request.params, deadline=time.monotonic() + _timeout_s, stream=Queue() if stream else None)
-    _engine.submit(job)
-    return job, dropped
+    return start(_engine, _model, request, _timeout_s, stream)
 
 
 def _headers(dropped: int, answer: Answer | None = None) -> dict[str, str]:

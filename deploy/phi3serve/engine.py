@@ -97,11 +97,17 @@ class Bounded:
         return self.worker is not None and self.worker.is_alive()
 
 
-def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float = 3600.0) -> tuple[Answer, int]:
-    """Encode, submit and wait: (answer, turns dropped). Past `timeout_s` the engine stops generating it."""
+def start(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float, stream: bool = False) -> tuple[Job, int]:
+    """Encode and queue a request: (its job, turns dropped). Past `timeout_s` the engine stops generating it."""
     ids, dropped = model.encode(request.messages, request.params.max_new_tokens)
-    job = Job(ids, request.params, deadline=time.monotonic() + timeout_s)
+    job = Job(ids, request.params, deadline=time.monotonic() + timeout_s, stream=Queue() if stream else None)
     engine.submit(job)
+    return job, dropped
+
+
+def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float = 3600.0) -> tuple[Answer, int]:
+    """Encode, queue and wait: (answer, turns dropped)."""
+    job, dropped = start(engine, model, request, timeout_s)
     return job.future.result(timeout=timeout_s + 5), dropped
 
 
