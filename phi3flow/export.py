@@ -88,19 +88,17 @@ def _run_builder(source: Path, output: Path, precision: str, target: str, log_pa
         raise ExportError(f"the model builder failed (exit {code}); last lines of {log_path}:\n{tail}")
 
 
-def _finish_config(output: Path, stop_ids: list[int], max_batch: int) -> None:
-    """Every stop token of the served model ends generation; requests are batched up to max_batch."""
+def _finish_config(output: Path, stop_ids: list[int]) -> None:
+    """Every stop token of the served model ends generation."""
     path = output / GENAI_CONFIG
     config = json.loads(path.read_text(encoding="utf-8"))
     eos = config["model"].get("eos_token_id")
     known = eos if isinstance(eos, list) else [eos]
     config["model"]["eos_token_id"] = list(dict.fromkeys([*stop_ids, *(i for i in known if i is not None)]))
-    config.setdefault("engine", {})["static_batching"] = {"max_batch_size": max_batch}
     path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
-def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu",
-                max_batch: int = 16) -> Path:
+def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu") -> Path:
     """Export a HF folder or a LoRA adapter folder to an ONNX Runtime GenAI folder; returns the folder."""
     from phi3serve.model import METADATA_FILE, end_of_turn_id, find_model_folder
 
@@ -135,7 +133,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
         layers = int(json.loads((builder_input / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
         _run_builder(builder_input, output, precision, target, output / "export.log", layers)
     shutil.rmtree(output / ".cache", ignore_errors=True)
-    _finish_config(output, stop_ids, max_batch)
+    _finish_config(output, stop_ids)
     metadata["onnx"] = {"precision": precision, "target": target, "source": str(source)}
     (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     return output

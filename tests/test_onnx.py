@@ -14,7 +14,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not i
 from phi3flow.deploy import score  # noqa: E402
 from phi3flow.cli import main  # noqa: E402
 from phi3flow.export import ExportError, export_onnx  # noqa: E402
-from phi3serve.contract import Busy  # noqa: E402
+from phi3serve.contract import Busy, Expired  # noqa: E402
 from phi3serve.engine import Job  # noqa: E402
 from phi3serve.model import ChatModel  # noqa: E402
 from phi3serve.onnx_engine import OnnxChatModel, OnnxEngine  # noqa: E402
@@ -70,7 +70,7 @@ def test_single_turn_answers_from_the_model(served):
     payload, status, headers = score.score(body(user("What is the capital of France?")))
     assert status == 200
     assert "Paris" in payload["output"]
-    assert headers["x-phi3flow-batch-size"] == "1" and headers["x-phi3flow-batch-invariant"] == "false"
+    assert headers["x-phi3flow-batch-size"] == "1" and headers["x-phi3flow-batch-invariant"] == "true"
 
 
 def test_generation_stops_at_end_of_turn_and_at_max_new_tokens(served):
@@ -127,28 +127,60 @@ def test_streamed_deltas_add_up_to_the_json_answer(served):
     assert len(deltas) > 3 and "".join(deltas) == payload["output"] == parsed[-1][1]["output"]
 
 
+def test_greedy_answers_in_a_batch_equal_the_same_request_alone(served):
+    """What x-phi3flow-batch-invariant promises: prompts of other lengths (padding), a sampled neighbour with a
+    repetition penalty and a prompt ending in the pad token (which padding would eat) change no greedy answer."""
+    model, engine = served
+    greedy = score.parse_request(body(user("x"), max_new_tokens=20)).params
+    sampled = score.parse_request(body(user("x"), temperature=1.3, top_p=0.9, repetition_penalty=1.2, max_new_tokens=30)).params
+    prompts = [model.encode(user(text), 20)[0] for text in
+               ("Hi", "What is the capital of France?", "Write a long story about owls who live in a very old library.")]
+    prompts.append(prompts[1] + [model.pad_id])
+    assert len({len(ids) for ids in prompts}) == len(prompts)
+
+    def answers(jobs: list[Job]) -> list[str]:
+        for job in jobs:
+            engine.submit(job)
+        return [job.future.result(timeout=120) for job in jobs]
+
+    alone = [answers([Job(ids, greedy)])[0] for ids in prompts]
+    batched = answers([Job(ids, greedy) for ids in prompts] + [Job(prompts[2], sampled)])
+    assert all(answer.batch_size == 1 for answer in alone)
+    assert max(answer.batch_size for answer in batched) >= 4
+    assert [answer.text for answer in batched[:4]] == [answer.text for answer in alone]
+    assert all(answer.tokens > 0 for answer in alone)
+
+
 def test_abandoned_requests_stop_and_the_queue_is_bounded(served):
     model, engine = served
     ids, _ = model.encode(user("Write a very long essay about rivers."), 2000)
     params = score.parse_request(body(user("x"), max_new_tokens=2000)).params
-    jobs, refused = [], []
-    for _ in range(24):  # 8 generating + 8 waiting fit; the rest are refused
+    generating = [Job(ids, params, deadline=time.monotonic() + 30) for _ in range(8)]
+    for job in generating:  # submitted together: one batch of max_batch
+        engine.submit(job)
+    deadline = time.monotonic() + 30
+    while len(engine.running) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.running == generating
+    waiting, refused = [], []
+    for _ in range(12):  # 8 wait for the next batch; the rest are refused
         job = Job(ids, params, deadline=time.monotonic() + 30)
         try:
             engine.submit(job)
-            jobs.append(job)
+            waiting.append(job)
         except Busy as busy:
             refused.append(busy)
-        time.sleep(0.1)  # the worker admits between decode steps
-    assert refused and refused[0].status == 503 and len(jobs) >= 16
-    for job in jobs:
+    assert len(waiting) == 8 and len(refused) == 4 and refused[0].status == 503
+    for job in generating + waiting:
         job.cancel()
     deadline = time.monotonic() + 30
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not engine.running  # every generating request stopped at its next step
-    finished = [job.future.result() for job in jobs if job.future.done()]
-    assert len(finished) >= 8 and all(answer.tokens < 2000 for answer in finished)  # dropped, not run to the end
+    assert not engine.running  # the batch stopped at its next step, not after 2000 tokens
+    for job in generating:
+        with pytest.raises(Expired, match="the deadline passed or the client left"):
+            job.future.result(timeout=5)
+    assert not any(job.future.done() for job in waiting)  # dropped unstarted: nobody waits for them any more
     assert score.score(body(user("Hi"), max_new_tokens=4))[1] == 200
 
 

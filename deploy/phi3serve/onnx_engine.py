@@ -1,11 +1,11 @@
-"""The ONNX engine: an ONNX Runtime GenAI folder (`phi3flow export onnx`) served through onnxruntime-genai's Engine.
+"""The ONNX engine: an ONNX Runtime GenAI folder (`phi3flow export onnx`) served through onnxruntime-genai's Generator.
 
 Same contract as the transformers engines: the prompt is encoded by the same ChatModel code (the folder
 carries the tokenizer and chat template), the same stop tokens end a turn, and each request keeps its own
-temperature, top-p, repetition penalty, greedy choice and max_new_tokens (the library's per-turn options).
-onnxruntime-genai's Engine batches the requests it holds; the library requires every Engine call from the
-thread that created it, so one worker thread owns it, admits jobs up to `max_batch`, cancels the ones nobody
-waits for any more, and routes each generated token to its job (and its stream).
+temperature, top-p, repetition penalty, greedy choice and max_new_tokens (sampled per row by the decode
+loop's own `pick`). Not the library's Engine: on a CPU its static batching runs at most 4 requests at a time
+whatever max_batch_size says (StaticBatchScheduler, 0.18.0), and its per-token overhead cost a fifth of the
+single-request speed; a batched Generator decodes 16 rows per step. One worker thread owns the model.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from phi3serve.contract import GenerationFailed
+from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
+from phi3serve.loop import pick, row_settings
 from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped
 
 log = logging.getLogger("azmlinfsrv.score")
@@ -40,7 +41,7 @@ class OnnxChatModel(ChatModel):
         eos = config["model"].get("eos_token_id")
         built = eos if isinstance(eos, list) else [eos]
         self.stop_ids = list(dict.fromkeys([*self._stop_ids(metadata.get("end_of_turn_token")), *(i for i in built if i is not None)]))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = config["model"]["pad_token_id"]  # what the library masks when it trails a row of a batch
         providers = json.dumps(config["model"]["decoder"].get("session_options", {}).get("provider_options", []))
         self.device = torch.device("cuda" if "cuda" in providers else "cpu")
         self.dtype = "onnx-" + metadata.get("onnx", {}).get("precision", "unknown")  # what `phi3flow export` built
@@ -59,22 +60,27 @@ class OnnxChatModel(ChatModel):
         return cls(folder, AutoTokenizer.from_pretrained(folder), config, metadata)
 
 
-class Running:
-    """One job inside the library: its Request, turn and the tokens generated so far."""
-
-    def __init__(self, job: Job, request: Any, turn: int):
-        self.job, self.request, self.turn, self.tokens = job, request, turn, []
-        self.cancelled = False
-
-
 class OnnxEngine(Bounded):
-    batch_invariant = False  # int4 kernels over a batch: not verified to give a greedy row the same answer alone
+    """Static batches on onnxruntime-genai's Generator: each batch is prefilled at once, then decoded to its end.
 
-    def __init__(self, model: OnnxChatModel, max_batch: int = 16, max_queue: int = 64):
+    Jobs that arrive together (less than `gap_s` apart, for at most `wait_s`) form one batch of up to `max_batch`
+    right-padded rows, the padding the library masks by itself (trailing pad tokens of a row). Every step the
+    engine takes the batch's logits, picks each row's token with the decode loop's per-row sampling (`pick`) and
+    hands the choice back to the library as one-hot logits, so its own greedy search only appends it. A row
+    ends at a stop token, its max_new_tokens or its deadline; the batch ends when its last row does, and jobs
+    arriving meanwhile wait for the next one (the library's Generator takes no new rows mid-batch).
+    """
+
+    # Checked, and tested (tests/test_onnx.py): a greedy row's logits are bit-identical alone and in a batch of
+    # prompts of other lengths, so its answer never depends on its neighbours.
+    batch_invariant = True
+
+    def __init__(self, model: OnnxChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05,
+                 gap_s: float = 0.005):
         super().__init__(max_queue)
-        self.model, self.max_batch = model, max_batch
-        self.stop_ids = set(model.stop_ids)
-        self.running: dict[int, Running] = {}  # id(request) -> its job
+        self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
+        self.stop = torch.tensor(model.stop_ids)
+        self.running: list[Job] = []  # the batch being decoded
         self.stopping = False
         ready: dict[str, Any] = {}
         started = threading.Event()
@@ -84,20 +90,11 @@ class OnnxEngine(Bounded):
             raise RuntimeError(f"cannot load the ONNX model in {model.folder}: {ready['error']}")
         atexit.register(self.close)
 
-    def _load(self) -> Any:
-        """The library's Engine over the folder, batching up to max_batch requests (set over the exported config)."""
-        import onnxruntime_genai as og
-
-        config = og.Config(str(self.model.folder))
-        config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.max_batch}}}))
-        self.og = og
-        return og.Engine(og.Model(config))
-
     def close(self, timeout_s: float = 10.0) -> None:
         """Drop every job and stop the worker (at its next step)."""
         with self.lock:
             self.stopping = True
-            for job in self.waiting + [r.job for r in self.running.values()]:
+            for job in self.waiting + self.running:
                 job.cancel()
             self.lock.notify()
         if self.worker is not None and self.worker is not threading.current_thread():
@@ -105,93 +102,101 @@ class OnnxEngine(Bounded):
 
     def _work(self, ready: dict[str, Any], started: threading.Event) -> None:
         try:
-            engine = self._load()
-            buffer = engine.create_event_buffer(max(64, 4 * self.max_batch))
+            import onnxruntime_genai as og
+
+            self.og, self.og_model = og, og.Model(og.Config(str(self.model.folder)))
         except Exception as exc:  # noqa: BLE001 - reported by __init__ in the caller's thread
             ready["error"] = f"{type(exc).__name__}: {exc}"
-            started.set()
-            return
         started.set()
-        while True:
-            admitted = self._admit()
-            if admitted is None:
-                break
-            for job in admitted:
-                self._start(engine, job)
-            self._cancel_abandoned()
-            try:
-                events = engine.run(buffer) if self.running else []
-                self._route(events)
-            except Exception as exc:  # noqa: BLE001 - fails the jobs in flight; a fresh library Engine serves the next
-                log.exception("ONNX generation failed")
-                error = GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
-                for running in self.running.values():
-                    running.job.resolve(error)
-                self.running.clear()
-                engine = self._load()
-                buffer = engine.create_event_buffer(max(64, 4 * self.max_batch))
-        for running in self.running.values():
-            running.request.close()
+        while "error" not in ready and (jobs := self._collect()):
+            for group in self._groups(jobs):
+                self.running = group
+                try:
+                    self._generate(group)
+                except Exception as exc:  # noqa: BLE001 - fails this batch's jobs; the worker keeps serving
+                    log.exception("ONNX generation failed")
+                    error = GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    for job in group:
+                        job.resolve(error)
+                finally:
+                    self.running = []
 
-    def _admit(self) -> list[Job] | None:
-        """Waiting live jobs that fit next to the running ones; blocks while there is nothing to do (None: stop)."""
+    def _collect(self) -> list[Job]:
+        """The oldest waiting jobs and those arriving right behind them, up to max_batch ([] once closed)."""
         with self.lock:
-            while not self.stopping and not self.waiting and not self.running:
-                self.lock.wait()
-            if self.stopping:
-                return None
-            self.waiting = [job for job in self.waiting if not job.expired()]
-            free = self.max_batch - len(self.running)
-            taken, self.waiting = self.waiting[:free], self.waiting[free:]
-            return taken
+            while True:
+                while not self.stopping and not self.waiting:
+                    self.lock.wait()
+                if self.stopping:
+                    return []
+                deadline, seen = time.monotonic() + self.wait_s, len(self.waiting)
+                while len(self.waiting) < self.max_batch and not self.stopping and time.monotonic() < deadline:
+                    self.lock.wait(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic())))
+                    if len(self.waiting) == seen:
+                        break  # nothing arrived within gap_s: go
+                    seen = len(self.waiting)
+                live = [job for job in self.waiting if not job.expired()]
+                taken, self.waiting = live[:self.max_batch], live[self.max_batch:]
+                if taken:
+                    return taken
 
-    def _start(self, engine: Any, job: Job) -> None:
-        og, params = self.og, job.params
-        options = og.RequestOptions()
-        options.set_max_session_tokens(len(job.ids) + params.max_new_tokens)
-        request = engine.create_request(options=options)
-        turn_options = og.TurnOptions(request)
-        turn_options.set_max_generated_tokens(params.max_new_tokens)
-        turn_options.set_repetition_penalty(params.repetition_penalty)
-        turn_options.set_do_sample(not params.greedy)
-        if not params.greedy:
-            turn_options.set_temperature(params.temperature)
-            turn_options.set_top_p(params.top_p)
-            turn_options.set_top_k(0)  # the contract has no top-k: the whole nucleus, as the transformers engines
-        turn = request.begin_turn(np.asarray(job.ids, dtype=np.int32), turn_options)
-        self.running[id(request)] = Running(job, request, turn)
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Batches the library can run: rows share one length budget (longest prompt + most new tokens), which
+        must fit the context, and a prompt ending in the pad token would lose it to padding, so it runs alone."""
+        groups: list[list[Job]] = []
+        for job in jobs:
+            group = next((group for group in groups if self._fits(group + [job])), None)
+            if group is None:
+                groups.append([job])
+            else:
+                group.append(job)
+        return groups
 
-    def _cancel_abandoned(self) -> None:
-        now = time.monotonic()
-        for running in self.running.values():
-            if not running.cancelled and running.job.expired(now):
-                running.request.cancel_turn(running.turn)
-                running.cancelled = True
+    def _fits(self, rows: list[Job]) -> bool:
+        unpadded = len(rows) == 1 or all(job.ids[-1] != self.model.pad_id for job in rows)
+        return unpadded and max(len(job.ids) for job in rows) + max(job.params.max_new_tokens for job in rows) <= self.model.context
 
-    def _route(self, events: list[Any]) -> None:
-        """Tokens to their jobs (and streams); finished turns resolve their job and leave."""
-        flags = self.og.EngineEventFlags
-        batch = sum(1 for event in events if event.flags & flags.TOKEN)
-        for event in events:
-            running = self.running.get(id(event.request))
-            if running is None:
-                continue
-            job = running.job
-            job.batch_size = max(job.batch_size, batch)
-            finished = bool(event.flags & flags.TURN_FINISHED)
-            token = event.token if event.flags & flags.TOKEN else None
-            stop = token in self.stop_ids  # the exported config stops on these already; an older folder may not
-            if token is not None and not stop:
-                running.tokens.append(token)
-                if job.stream is not None:
-                    job.stream.put(token)
-            if stop and not finished and not running.cancelled:
-                running.request.cancel_turn(running.turn)  # its TURN_FINISHED (cancelled) event follows
-                running.cancelled = True
-            if event.flags & flags.FAILED:
-                job.resolve(GenerationFailed(f"generation failed in onnxruntime-genai ({event.error_code.name})"))
-            elif finished or stop:
-                job.resolve(Answer(self.model.text(running.tokens), len(running.tokens), job.batch_size))
-            if finished:
-                running.request.close()
-                del self.running[id(event.request)]
+    def _generate(self, jobs: list[Job]) -> None:
+        """Decode one batch to its end, resolving (and streaming) each job as its row ends."""
+        og, rows = self.og, len(jobs)
+        width = max(len(job.ids) for job in jobs)
+        params = og.GeneratorParams(self.og_model)
+        params.set_search_options(batch_size=rows, max_length=width + max(job.params.max_new_tokens for job in jobs),
+                                  do_sample=False, repetition_penalty=1.0)  # the library appends what `pick` chose
+        generator = og.Generator(self.og_model, params)
+        generator.append_tokens(np.asarray([job.ids + [self.model.pad_id] * (width - len(job.ids)) for job in jobs],
+                                           dtype=np.int32))
+        # The repetition penalty looks at each row's own tokens: its padding repeats its first token, not the pad id.
+        sequences = torch.tensor([job.ids + job.ids[:1] * (width - len(job.ids)) for job in jobs])
+        settings = row_settings(jobs, "cpu")
+        answers: list[list[int]] = [[] for _ in jobs]
+        live = set(range(rows))
+        while True:
+            for i in live:
+                jobs[i].batch_size = max(jobs[i].batch_size, len(live))
+            logits = generator.get_logits().reshape(rows, -1)
+            tokens = pick(torch.from_numpy(logits), sequences, settings)
+            sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+            ended = torch.isin(tokens, self.stop).tolist()
+            now = time.monotonic()
+            for i, token in enumerate(tokens.tolist()):
+                if i not in live:
+                    continue
+                job = jobs[i]
+                if not ended[i]:
+                    answers[i].append(token)
+                    if job.stream is not None:
+                        job.stream.put(token)
+                if job.expired(now):
+                    job.resolve(Expired(f"generation stopped after {len(answers[i])} tokens: the deadline passed or the client left"))
+                elif ended[i] or len(answers[i]) >= job.params.max_new_tokens:
+                    job.resolve(Answer(self.model.text(answers[i]), len(answers[i]), job.batch_size))
+                else:
+                    continue
+                live.discard(i)
+            if not live:
+                return
+            chosen = np.zeros_like(logits)
+            chosen[np.arange(rows), tokens.numpy()] = 1.0
+            generator.set_logits(chosen)
+            generator.generate_next_token()
