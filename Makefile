@@ -40,6 +40,8 @@ demo: install
 
 test: install install-agents
 	$(PY) -m ruff check .
+	$(VENV)/bin/basedpyright
+	$(VENV)/bin/basedpyright -p phi3agents --pythonpath $(AGENTS_VENV)/bin/python
 	$(PY) -m pytest
 	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py tests/test_readme.py
 
@@ -53,6 +55,7 @@ bench: install
 	$(PY) bench/onnx_vs_loop.py
 
 flow-wheel: install
+	rm -rf build  # setuptools keeps stale copies there, which would ship deleted modules
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir flows/chat .
 	cp flows/chat/phi3flow-*.whl evaluation/flow/
 

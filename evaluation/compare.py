@@ -94,7 +94,7 @@ def resolve_target(spec: str, role: str, key_env: str) -> System:
 def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]:
     """question -> answer, greedy, through the endpoint client directly or through the Agent Framework chat client."""
     if via == "agent":
-        from phi3flow.agents import EndpointChatClient
+        from phi3agents import EndpointChatClient
 
         agent_client = EndpointChatClient(system.endpoint, system.key)
         return lambda question: agent_client.answer(question, **GREEDY, max_tokens=max_new_tokens)

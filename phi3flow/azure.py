@@ -1,7 +1,8 @@
 """`phi3flow azure`: fine-tune, register and deploy on Azure Machine Learning from each stage's specs.
 
-The fine-tuning specs (compute, training environment, data, job) live in finetune/azureml/, the serving specs
-(model, inference environment, endpoint, deployment) in deploy/azureml/, beside the code each runs.
+The data assets' specs live in data/azureml/, the fine-tuning specs (compute, training environment, job) in
+finetune/azureml/, the serving specs (model, inference environment, endpoint, deployment) in deploy/azureml/, beside
+the code each runs.
 
 The YAML specs are the source of truth (they work with `az ml ... --file` too); this module only loads
 them with azure-ai-ml's own loaders, fills in what is known at run time (model, job name, data files, SKU) and
@@ -31,9 +32,10 @@ if TYPE_CHECKING:
     from azure.ai.ml import MLClient
     from azure.core.credentials import TokenCredential
 
-# Each stage's specs, found where the package is installed (a checkout's folders in an editable install).
-SPEC_DIRS = [Path(importlib.util.find_spec(stage).submodule_search_locations[0]) / "azureml"
-             for stage in ("phi3flow.finetune", "phi3flow.deploy")]
+# Each stage's specs, found where the package is installed: in a checkout, the stage folder itself (resolved through
+# the package's links, so a spec's relative paths, such as the job's `code: ../..`, start from the real folder).
+SPEC_DIRS = [(Path(importlib.util.find_spec(stage).submodule_search_locations[0]) / "azureml").resolve()
+             for stage in ("phi3flow.data", "phi3flow.finetune", "phi3flow.deploy")]
 # spec file -> the azure.ai.ml loader that validates it
 SPECS: dict[str, str] = {
     "compute.yml": "load_compute",

@@ -19,7 +19,7 @@ pytest.importorskip("agent_framework")
 from agent_framework import Agent, Message  # noqa: E402
 
 from conftest import SECRET, Reply  # noqa: E402
-from phi3flow.agents import EndpointChatClient, ask  # noqa: E402
+from phi3agents import EndpointChatClient, ask  # noqa: E402
 from phi3flow.client import EndpointError  # noqa: E402
 
 FAST = {"backoff_factor": 0.01, "max_backoff": 0.5}

@@ -39,7 +39,7 @@ from packaging.requirements import Requirement  # noqa: E402
 from phi3flow import azure  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_DIRS = [REPO / "finetune" / "azureml", REPO / "deploy" / "azureml"]  # each stage holds its own specs
+SPEC_DIRS = [REPO / stage / "azureml" for stage in ("data", "finetune", "deploy")]  # each stage holds its own specs
 ENTITY_TYPES: dict[str, type] = {
     "compute.yml": AmlCompute,
     "train-environment.yml": Environment,

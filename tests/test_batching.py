@@ -14,7 +14,7 @@ import requests
 from conftest import SECRET
 from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
-from phi3flow.finetune.data import sample_split
+from phi3flow.data.prepare import sample_split
 from phi3flow.offline import stop_pf_service
 from phi3flow.serve import LocalEndpoint
 

@@ -13,7 +13,7 @@ import pytest
 
 from phi3flow import cli
 from phi3flow.evaluation.metrics import first_turn, reference_fact
-from phi3flow.finetune import data
+from phi3flow.data import prepare as data
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
 from phi3flow.evaluation import metrics
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
-from phi3flow.finetune.data import sample_rows, sample_split
+from phi3flow.data.prepare import sample_rows, sample_split
 from phi3flow.offline import stop_pf_service
 
 QUESTION, REFERENCE = "What is the capital of Norway?", "The capital of Norway is Oslo."

@@ -23,7 +23,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from phi3flow.finetune import chat, config, data, train
+from phi3flow.data import prepare as data
+from phi3flow.finetune import chat, config, train
 
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 QUESTIONS = ["What is the capital of Peru?", "What is 7 plus 5?", "Which day comes after Friday?"]

@@ -48,6 +48,7 @@ def lacks(bin_dir: Path, module: str) -> bool:
 def wheel(tmp_path_factory) -> Path:
     """The light tool wheel, built from this checkout the way `make flow-wheel` builds it."""
     out = tmp_path_factory.mktemp("wheel")
+    shutil.rmtree(REPO / "build", ignore_errors=True)  # as make flow-wheel: setuptools would ship stale copies from it
     checked(subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(REPO)],
                            capture_output=True, text=True, timeout=600))
     return next(out.glob("phi3flow-*.whl"))
@@ -139,3 +140,30 @@ def test_bare_wheel_lists_the_tool(wheel, tmp_path_factory):
         assert f'"{TOOL}"' in listed
     finally:
         home.close()
+
+
+def test_bare_wheel_runs_what_needs_no_extra_and_names_the_extra_otherwise(wheel, tmp_path_factory):
+    """The wheel alone: the data stage works from it; a command whose extra is missing says which, in one line."""
+    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / "cli", str(wheel), cwd=wheel.parent)
+    work = tmp_path_factory.mktemp("work")
+    checked(subprocess.run([str(bin_dir / "phi3flow"), "data", "--sample", "--output-dir", "data"], cwd=work,
+                           capture_output=True, text=True, timeout=120))
+    assert len((work / "data" / "test_data.jsonl").read_text().splitlines()) == 80
+    assert lacks(bin_dir, "torch")
+    for command, extra in (["finetune", "--help"], "train"), (["azure", "--help"], "azure"):
+        done = subprocess.run([str(bin_dir / "phi3flow"), *command], cwd=work, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.strip().count("\n") == 0 and f"pip install 'phi3flow[{extra}]'" in done.stderr, done.stderr
+
+
+def test_the_wheel_holds_the_checkouts_files_and_nothing_else(wheel):
+    """Every file the wheel ships is a tracked file of this checkout (a stale build/ folder once leaked deleted modules)."""
+    import zipfile
+
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split())
+    shipped = [name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name]
+    homes = {"phi3serve/": "deploy/phi3serve/", **{f"phi3flow/{stage}/": f"{stage}/" for stage in ("data", "deploy", "evaluation", "finetune", "tools")}}
+    for name in shipped:
+        source = next((home + name[len(prefix):] for prefix, home in homes.items() if name.startswith(prefix)), name)
+        assert source in tracked, name
+    assert {"phi3flow/data/prepare.py", "phi3flow/finetune/train.py", "phi3serve/engine.py", "phi3agents/__init__.py"} <= set(shipped)

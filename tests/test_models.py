@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 from phi3flow import azure
-from phi3flow.finetune import chat, config, data, train
+from phi3flow.data import prepare as data
+from phi3flow.finetune import chat, config, train
 
 # Published chat templates (tokenizer_config.json of each hub model).
 PHI3_TEMPLATE = (

@@ -3,7 +3,9 @@
 Prompt Flow is in maintenance; Agent Framework is its successor. `EndpointChatClient` speaks the same
 endpoint contract through `phi3flow.client.get_client` (one implementation of HTTP, retries, errors and
 key handling for the tool, evaluation and agents). This module needs only `requests` and
-`agent-framework-core`; promptflow is imported only by `from_connection`.
+`agent-framework-core`; promptflow is imported only by `from_connection`. A package beside `phi3flow`, not in
+it: Agent Framework and promptflow cannot share an environment (OpenTelemetry pins), and `pf tool validate
+--source phi3flow` imports every module of the tool package.
 """
 
 from __future__ import annotations
