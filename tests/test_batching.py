@@ -16,7 +16,7 @@ from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
 from phi3flow.data.prepare import sample_split
 from phi3flow.offline import stop_pf_service
-from phi3flow.serve import LocalEndpoint
+from phi3flow.deploy.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 # float32 on a CPU: batch-invariant greedy decoding. A generous generation deadline: on a busy machine the default

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import REPO, SECRET, pf, pf_connection
-from phi3flow.serve import LocalEndpoint
+from phi3flow.deploy.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "Who founded Microsoft?"}],

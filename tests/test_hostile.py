@@ -18,9 +18,10 @@ import pytest
 import requests
 
 from conftest import SECRET
-from phi3flow import connect, serve
-from phi3flow.gunicorn_worker import HEAD_TIMEOUT_S
-from phi3flow.serve import HOST, LocalEndpoint, free_port
+from phi3flow import connect
+from phi3flow.deploy import serve
+from phi3flow.deploy.gunicorn_worker import HEAD_TIMEOUT_S
+from phi3flow.deploy.serve import HOST, LocalEndpoint, free_port
 
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
                            "parameters": {"temperature": 0, "max_new_tokens": 8}}}

@@ -24,7 +24,7 @@ from promptflow.connections import CustomConnection
 from conftest import REPO, SECRET, Reply, pf, pf_connection
 from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse, to_messages
 from phi3flow.offline import pf_executable
-from phi3flow.serve import free_port
+from phi3flow.deploy.serve import free_port
 from phi3flow.tools.chat_endpoint import chat
 from phi3serve.contract import BATCH_SIZE_HEADER, STREAM_MEDIA_TYPE
 
@@ -211,7 +211,7 @@ LONG = [{"role": "user", "content": "Count from 1 to 400, separated by commas."}
 
 @pytest.fixture(scope="module")
 def served(embedded_dir, tmp_path_factory):
-    from phi3flow.serve import LocalEndpoint
+    from phi3flow.deploy.serve import LocalEndpoint
 
     log = tmp_path_factory.mktemp("server") / "server.log"
     with LocalEndpoint(embedded_dir, key=SECRET, log_file=log) as local:

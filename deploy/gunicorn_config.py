@@ -1,10 +1,10 @@
 """Gunicorn settings and hooks for the azmlinfsrv that `phi3flow serve` runs (loaded through
-`GUNICORN_CMD_ARGS="-c python:phi3flow.gunicorn_config"`; command-line flags, such as azmlinfsrv's own, win).
+`GUNICORN_CMD_ARGS="-c python:phi3flow.deploy.gunicorn_config"`; command-line flags, such as azmlinfsrv's own, win).
 
 - Loopback only: azmlinfsrv hard-codes `-b 0.0.0.0:PORT`, which outranks every config source; `on_starting` runs
   before the listening sockets are created, so it can still rebind them.
 - Idle and slow clients cannot hold worker threads: a worker that reads request heads without threads
-  (phi3flow.gunicorn_worker).
+  (phi3flow.deploy.gunicorn_worker).
 - Keys sent in a query string never reach the log: neither gunicorn's access log nor azmlinfsrv's request lines
   keep the query string (nor the Referer, which can carry one, nor a Basic-auth user).
 """
@@ -17,7 +17,7 @@ import re
 
 HOST_ENV = "PHI3FLOW_BIND_HOST"
 
-worker_class = "phi3flow.gunicorn_worker.HeadFirstWorker"
+worker_class = "phi3flow.deploy.gunicorn_worker.HeadFirstWorker"
 # gunicorn 25+ opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): two local servers
 # would share it, and nothing here uses it.
 control_socket_disable = True
