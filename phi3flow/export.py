@@ -69,7 +69,7 @@ def _run_builder(source: Path, output: Path, precision: str, target: str, log_pa
     from tqdm import tqdm
 
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(output),
-               "-p", precision, "-e", target, "-c", str(output / ".cache")]
+               "-p", precision, "-e", target, "-c", str(output / ".cache"), "--extra_options", "prune_lm_head=true"]
     steps = layers + 4  # embedding, layers, final norm, LM head, saving
     with open(log_path, "w", encoding="utf-8") as log, \
             tqdm(total=steps, desc=f"ONNX {precision} ({target})", unit="step", file=sys.stderr) as bar:
@@ -86,6 +86,42 @@ def _run_builder(source: Path, output: Path, precision: str, target: str, log_pa
                               f"builder; see {log_path} (Phi-3/3.5/4-mini, Llama, Mistral, Qwen and Gemma are supported)")
         tail = "\n".join(text.strip().splitlines()[-5:])
         raise ExportError(f"the model builder failed (exit {code}); last lines of {log_path}:\n{tail}")
+
+
+def _gather_each_rows_last_token(model_path: Path) -> None:
+    """Logits for each row's own last token only.
+
+    The builder's prune_lm_head skips the LM head for all but the last column of the prompt (a fifth of a
+    prefill's work with the embedded model); in a batch of right-padded prompts a shorter row's last token
+    sits before that column, so its Gather becomes a per-row GatherND at (real tokens - padding columns - 1):
+    the last column in a decode step, the last real token in a prefill (the attention mask marks padding 0).
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = list(model.graph.node)
+    gather = next((n for n in nodes if n.op_type == "Gather" and n.name.endswith("/prune/Gather")), None)
+    if gather is None:
+        raise ExportError(f"the model builder's graph in {model_path} has no pruned LM head (/lm_head/prune/Gather)")
+    name = gather.name.removesuffix("Gather") + "last_token/"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), name + "one"),
+                                    numpy_helper.from_array(np.array([0], dtype=np.int64), name + "zero")])
+    index = [
+        helper.make_node("Shape", ["input_ids"], [name + "columns"], start=1, end=2),
+        helper.make_node("Shape", ["attention_mask"], [name + "width"], start=1, end=2),
+        helper.make_node("ReduceSum", ["attention_mask", name + "one"], [name + "real"], keepdims=1),
+        helper.make_node("Sub", [name + "width", name + "real"], [name + "padding"]),
+        helper.make_node("Sub", [name + "columns", name + "padding"], [name + "count"]),
+        helper.make_node("Sub", [name + "count", name + "one"], [name + "last"]),
+        helper.make_node("Max", [name + "last", name + "zero"], [name + "index"]),  # [batch, 1]
+        helper.make_node("GatherND", [gather.input[0], name + "index"], list(gather.output), name=gather.name + "ND", batch_dims=1),
+    ]
+    position = nodes.index(gather)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes[:position] + index + nodes[position + 1:])
+    onnx.save(model, str(model_path))  # the weights stay where the builder wrote them (model.onnx.data)
 
 
 def _finish_config(output: Path, stop_ids: list[int]) -> None:
@@ -133,6 +169,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
         layers = int(json.loads((builder_input / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
         _run_builder(builder_input, output, precision, target, output / "export.log", layers)
     shutil.rmtree(output / ".cache", ignore_errors=True)
+    _gather_each_rows_last_token(output / "model.onnx")
     _finish_config(output, stop_ids)
     metadata["onnx"] = {"precision": precision, "target": target, "source": str(source)}
     (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")

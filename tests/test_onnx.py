@@ -55,6 +55,12 @@ def test_export_writes_a_genai_folder_that_stops_on_the_end_of_turn_token(onnx_d
     hf = ChatModel.load(embedded_dir)
     assert set(hf.stop_ids) <= set(config["model"]["eos_token_id"])
     assert sum(p.stat().st_size for p in onnx_dir.iterdir()) < 0.5 * sum(p.stat().st_size for p in embedded_dir.iterdir())
+    import onnx
+
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    logits = next(output for output in graph.output if output.name == "logits")
+    assert [dim.dim_value for dim in logits.type.tensor_type.shape.dim][1:] == [1, config["model"]["vocab_size"]]
+    assert "/lm_head/prune/GatherND" in [node.name for node in graph.node]  # each row's own last token (see the batch test)
 
 
 def test_the_server_picks_the_onnx_engine_from_the_folder(served, monkeypatch):

@@ -169,13 +169,16 @@ class OnnxEngine(Bounded):
         # The repetition penalty looks at each row's own tokens: its padding repeats its first token, not the pad id.
         sequences = torch.tensor([job.ids + job.ids[:1] * (width - len(job.ids)) for job in jobs])
         settings = row_settings(jobs, "cpu")
+        # pick() would take the same first maximum; numpy's argmax over a 49k vocabulary takes a fifteenth of the time
+        plain_greedy = all(job.params.greedy and job.params.repetition_penalty == 1.0 for job in jobs)
         answers: list[list[int]] = [[] for _ in jobs]
+        chosen, every_row = None, np.arange(rows)
         live = set(range(rows))
         while True:
             for i in live:
                 jobs[i].batch_size = max(jobs[i].batch_size, len(live))
             logits = generator.get_logits().reshape(rows, -1)
-            tokens = pick(torch.from_numpy(logits), sequences, settings)
+            tokens = torch.from_numpy(logits.argmax(-1)) if plain_greedy else pick(torch.from_numpy(logits), sequences, settings)
             sequences = torch.cat([sequences, tokens[:, None]], dim=1)
             ended = torch.isin(tokens, self.stop).tolist()
             now = time.monotonic()
@@ -196,7 +199,8 @@ class OnnxEngine(Bounded):
                 live.discard(i)
             if not live:
                 return
-            chosen = np.zeros_like(logits)
-            chosen[np.arange(rows), tokens.numpy()] = 1.0
+            chosen = np.zeros_like(logits) if chosen is None else chosen
+            chosen[every_row, tokens.numpy()] = 1.0
             generator.set_logits(chosen)
             generator.generate_next_token()
+            chosen[every_row, tokens.numpy()] = 0.0
