@@ -3,7 +3,8 @@
 Both engines serve the embedded model in this process through the scoring script's own engine interface
 (encode, submit a Job, wait for its Answer), so the figures are generation alone, without HTTP. The ONNX
 folder is exported once with `phi3flow export onnx` (int4, CPU). Requests are greedy with 64 new tokens;
-generated tokens are counted from the answers (a request may end its turn earlier). Rounds alternate
+generated tokens are counted from the answers (a request may end its turn earlier) over the time from
+submission to answer, so each request's prompt prefill counts (decode-only rates are higher). Rounds alternate
 between the engines, so drift in a shared machine's speed hits both alike. Prints medians and ratios.
 (Not bench/onnx.py: a script there would shadow the onnx package the exporter imports.)
 Run: .venv/bin/python bench/onnx_vs_loop.py [--rounds N] [--output-dir DIR]
