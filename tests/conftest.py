@@ -121,6 +121,17 @@ def pf(*args: str) -> subprocess.CompletedProcess:
 
 
 @contextmanager
+def served_locally(model_dir: Path, tmp_path_factory) -> Iterator:
+    """`phi3flow serve` (azmlinfsrv + deploy/score.py) on a model with the test key; its log never holds the key."""
+    from phi3flow.deploy.serve import LocalEndpoint
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with LocalEndpoint(model_dir, key=SECRET, log_file=log) as endpoint:
+        yield endpoint
+    assert SECRET not in log.read_text()
+
+
+@contextmanager
 def pf_connection(url: str, key: str) -> Iterator[str]:
     """The chat flow's connection `phi3_endpoint` for an endpoint (its key never echoed); pf's service stopped after."""
     from phi3flow.offline import stop_pf_service

@@ -10,8 +10,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import REPO, SECRET, pf, pf_connection
-from phi3flow.deploy.serve import LocalEndpoint
+from conftest import REPO, SECRET, pf, pf_connection, served_locally
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
@@ -20,10 +19,8 @@ QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "Who fou
 
 @pytest.fixture(scope="module")
 def served(embedded_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with LocalEndpoint(embedded_dir, key=SECRET, log_file=log) as endpoint:
+    with served_locally(embedded_dir, tmp_path_factory) as endpoint:
         yield endpoint
-    assert SECRET not in log.read_text()
 
 
 @pytest.fixture(scope="module")

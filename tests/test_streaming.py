@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from promptflow.connections import CustomConnection
 
-from conftest import REPO, SECRET, Reply, pf, pf_connection
+from conftest import REPO, SECRET, Reply, pf, pf_connection, served_locally
 from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse, to_messages
 from phi3flow.offline import pf_executable
 from phi3flow.deploy.serve import free_port
@@ -211,12 +211,8 @@ LONG = [{"role": "user", "content": "Count from 1 to 400, separated by commas."}
 
 @pytest.fixture(scope="module")
 def served(embedded_dir, tmp_path_factory):
-    from phi3flow.deploy.serve import LocalEndpoint
-
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with LocalEndpoint(embedded_dir, key=SECRET, log_file=log) as local:
+    with served_locally(embedded_dir, tmp_path_factory) as local:
         yield local
-    assert SECRET not in log.read_text()
 
 
 @pytest.fixture(scope="module")
