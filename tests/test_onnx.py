@@ -157,6 +157,28 @@ def test_greedy_answers_in_a_batch_equal_the_same_request_alone(served):
     assert all(answer.tokens > 0 for answer in alone)
 
 
+def test_a_follow_up_turn_reuses_the_previous_turns_cache_and_answers_the_same(served):
+    model, engine = served
+    params = score.parse_request(body(user("x"), max_new_tokens=16)).params
+
+    def ask(ids: list[int]):
+        job = Job(ids, params)
+        engine.submit(job)
+        answer = job.future.result(timeout=60)
+        while engine.running:  # the worker keeps the Generator once the batch is over
+            time.sleep(0.01)
+        return answer
+
+    first = user("What is the capital of France?")
+    answer = ask(model.encode(first, 16)[0]).text
+    follow_up = model.encode(first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Japan?"}], 16)[0]
+    kept = engine.kept[0]  # the first turn's Generator
+    warm = ask(follow_up).text
+    assert engine.kept[0] is kept  # rewound to the tokens the turns share and extended, not prefilled afresh
+    engine.kept = None
+    assert ask(follow_up).text == warm and warm  # the same answer from a fresh prefill
+
+
 def test_abandoned_requests_stop_and_the_queue_is_bounded(served):
     model, engine = served
     ids, _ = model.encode(user("Write a very long essay about rivers."), 2000)

@@ -27,6 +27,7 @@ from phi3serve.loop import pick, row_settings
 from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped
 
 log = logging.getLogger("azmlinfsrv.score")
+KEEP_ROOM = 256  # spare tokens in a single row's cache, for a next request that shares its prefix
 INSTALL_HINT = "pip install onnxruntime-genai (or 'phi3flow[onnx]'); onnxruntime-genai-cuda for a model built for CUDA"
 
 
@@ -81,6 +82,7 @@ class OnnxEngine(Bounded):
         self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
         self.stop = torch.tensor(model.stop_ids)
         self.running: list[Job] = []  # the batch being decoded
+        self.kept: tuple[Any, list[int], int] | None = None  # the last single-row Generator, its prompt, its length
         self.stopping = False
         ready: dict[str, Any] = {}
         started = threading.Event()
@@ -156,16 +158,40 @@ class OnnxEngine(Bounded):
         unpadded = len(rows) == 1 or all(job.ids[-1] != self.model.pad_id for job in rows)
         return unpadded and max(len(job.ids) for job in rows) + max(job.params.max_new_tokens for job in rows) <= self.model.context
 
-    def _generate(self, jobs: list[Job]) -> None:
-        """Decode one batch to its end, resolving (and streaming) each job as its row ends."""
-        og, rows = self.og, len(jobs)
-        width = max(len(job.ids) for job in jobs)
+    def _prefill(self, jobs: list[Job]) -> tuple[Any, int]:
+        """A Generator that has run the batch's prompts (right-padded), and its length in tokens.
+
+        A single row reuses the previous single-row Generator when its prompt starts with tokens of that one's
+        prompt (a shared system prompt, the earlier turns of a conversation): it rewinds to them and runs only the
+        rest, which gives the same logits as a fresh prefill bit for bit as long as the rest is 2 tokens or more.
+        Tokens run one at a time (generated ones, a 1-token rest) take another kernel path with other rounding, so
+        they are never reused. Rows of a batch cannot reuse: the library takes a batch's prompts in one call.
+        Single rows get KEEP_ROOM spare tokens so that the next request fits too.
+        """
+        og, width = self.og, max(len(job.ids) for job in jobs)
+        length = width + max(job.params.max_new_tokens for job in jobs)
+        kept, self.kept = self.kept, None
+        if len(jobs) == 1 and kept is not None:
+            generator, computed, capacity = kept
+            ids = jobs[0].ids
+            shared = next((i for i, (a, b) in enumerate(zip(computed, ids[:-2])) if a != b), min(len(computed), len(ids) - 2))
+            if shared and length <= capacity:
+                generator.rewind_to(shared)
+                generator.append_tokens(np.asarray([ids[shared:]], dtype=np.int32))
+                return generator, capacity
+        capacity = max(length, min(length + KEEP_ROOM, self.model.context)) if len(jobs) == 1 else length
         params = og.GeneratorParams(self.og_model)
-        params.set_search_options(batch_size=rows, max_length=width + max(job.params.max_new_tokens for job in jobs),
-                                  do_sample=False, repetition_penalty=1.0)  # the library appends what `pick` chose
+        params.set_search_options(batch_size=len(jobs), max_length=capacity, do_sample=False,
+                                  repetition_penalty=1.0)  # the library appends what `pick` chose
         generator = og.Generator(self.og_model, params)
         generator.append_tokens(np.asarray([job.ids + [self.model.pad_id] * (width - len(job.ids)) for job in jobs],
                                            dtype=np.int32))
+        return generator, capacity
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Decode one batch to its end, resolving (and streaming) each job as its row ends."""
+        rows, width = len(jobs), max(len(job.ids) for job in jobs)
+        generator, capacity = self._prefill(jobs)
         # The repetition penalty looks at each row's own tokens: its padding repeats its first token, not the pad id.
         sequences = torch.tensor([job.ids + job.ids[:1] * (width - len(job.ids)) for job in jobs])
         settings = row_settings(jobs, "cpu")
@@ -198,6 +224,8 @@ class OnnxEngine(Bounded):
                     continue
                 live.discard(i)
             if not live:
+                if rows == 1:
+                    self.kept = (generator, jobs[0].ids, capacity)
                 return
             chosen = np.zeros_like(logits) if chosen is None else chosen
             chosen[every_row, tokens.numpy()] = 1.0
