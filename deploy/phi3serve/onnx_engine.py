@@ -69,7 +69,8 @@ class OnnxEngine(Bounded):
     engine takes the batch's logits, picks each row's token with the decode loop's per-row sampling (`pick`) and
     hands the choice back to the library as one-hot logits, so its own greedy search only appends it. A row
     ends at a stop token, its max_new_tokens or its deadline; the batch ends when its last row does, and jobs
-    arriving meanwhile wait for the next one (the library's Generator takes no new rows mid-batch).
+    arriving meanwhile wait for the next one (the library's Generator takes no new rows mid-batch). A request
+    that runs alone starts from the previous lone request's cache where their prompts agree (`_prefill`).
     """
 
     # Checked, and tested (tests/test_onnx.py): a greedy row's logits are bit-identical alone and in a batch of
@@ -81,7 +82,7 @@ class OnnxEngine(Bounded):
         super().__init__(max_queue)
         self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
         self.stop = torch.tensor(model.stop_ids)
-        self.running: list[Job] = []  # the batch being decoded
+        self.running: list[Job] = []  # the jobs taken from the queue, being decoded
         self.kept: tuple[Any, list[int], int] | None = None  # the last single-row Generator, its prompt, its length
         self.stopping = False
         ready: dict[str, Any] = {}
@@ -111,8 +112,8 @@ class OnnxEngine(Bounded):
             ready["error"] = f"{type(exc).__name__}: {exc}"
         started.set()
         while "error" not in ready and (jobs := self._collect()):
+            self.running = jobs  # close() cancels them all, groups not started yet included
             for group in self._groups(jobs):
-                self.running = group
                 try:
                     self._generate(group)
                 except Exception as exc:  # noqa: BLE001 - fails this batch's jobs; the worker keeps serving
@@ -120,8 +121,7 @@ class OnnxEngine(Bounded):
                     error = GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
                     for job in group:
                         job.resolve(error)
-                finally:
-                    self.running = []
+            self.running = []
 
     def _collect(self) -> list[Job]:
         """The oldest waiting jobs and those arriving right behind them, up to max_batch ([] once closed)."""
