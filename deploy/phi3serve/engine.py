@@ -121,7 +121,7 @@ def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float) 
             raise RuntimeError(f"{ENGINE_ENV}={choice} needs a Hugging Face model folder; this one is ONNX (unset it)")
         from phi3serve.onnx_engine import OnnxEngine
 
-        return OnnxEngine(model, max_batch=max_batch, max_queue=max_queue)
+        return OnnxEngine(model, max_batch=max_batch, max_queue=max_queue, wait_s=wait_s)
     if choice == "auto":
         choice = "continuous" if model.device.type == "cuda" else "loop"
     from phi3serve.loop import LoopEngine
