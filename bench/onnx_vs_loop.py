@@ -9,7 +9,7 @@ between the engines, so drift in a shared machine's speed hits both alike. Print
 the library's decode-only rates (onnxruntime-genai's Generator and greedy search, prefill left out), the
 kind of rate issue 18's 136 and 334 tok/s match (its goals were set from those).
 (Not bench/onnx.py: a script there would shadow the onnx package the exporter imports.)
-Run: .venv/bin/python bench/onnx_vs_loop.py [--rounds N] [--output-dir DIR]
+Run: .venv/bin/python bench/onnx_vs_loop.py [--rounds N] [--output-dir DIR] [--block-size N]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3flow.embedded import embedded_model_dir
-from phi3flow.export import export_onnx
+from phi3flow.export import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, export_onnx
 from phi3serve.contract import Parameters
 from phi3serve.engine import Engine, Job, engine_for
 from phi3serve.model import ChatModel
@@ -75,12 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per client count (default 3)")
     parser.add_argument("--output-dir", help="where the ONNX export goes (default: a temporary folder)")
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+                        help=f"int4 weights per scale of the export (default {DEFAULT_BLOCK_SIZE}, as phi3flow export)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.output_dir or scratch) / "embedded-int4"
         started = time.perf_counter()
-        export_onnx(embedded_model_dir(), folder)
-        print(f"export (int4, cpu): {time.perf_counter() - started:.1f} s")
+        export_onnx(embedded_model_dir(), folder, block_size=args.block_size)
+        print(f"export (int4, cpu, block size {args.block_size}): {time.perf_counter() - started:.1f} s")
         models = {"loop": ChatModel.load(embedded_model_dir()), "onnx-int4": ChatModel.load(folder)}
         engines = {name: engine_for(model, max_batch=16, max_queue=64, wait_s=0.05) for name, model in models.items()}
         print(f"loop engine dtype: {models['loop'].dtype}")

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from phi3serve.model import ChatModel
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# Weights per scale in the int4/int8 MatMulNBits kernels; 32 is the builder's default. 128 decodes the embedded model
+# 1.45x faster on this project's 2-core CPU but answers significantly worse (README, "AI Toolkit parity: ONNX").
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
 TARGETS = ("cpu", "cuda")
 GENAI_CONFIG = "genai_config.json"  # the marker of an ONNX Runtime GenAI folder
 INSTALL_HINT = "pip install 'phi3flow[onnx]' (onnxruntime-genai with onnx, onnx-ir and onnxscript, which its builder needs)"
@@ -64,12 +68,14 @@ def _merged_copy(adapter_dir: Path, staging: Path) -> "ChatModel":
     return chat
 
 
-def _run_builder(source: Path, output: Path, precision: str, target: str, log_path: Path, layers: int) -> None:
+def _run_builder(source: Path, output: Path, precision: str, target: str, block_size: int, log_path: Path, layers: int) -> None:
     """Run the model builder in a child process, its chatter in a log file, one progress bar on stderr."""
     from tqdm import tqdm
 
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(output),
                "-p", precision, "-e", target, "-c", str(output / ".cache"), "--extra_options", "prune_lm_head=true"]
+    if precision in ("int4", "int8"):
+        command.append(f"block_size={block_size}")
     steps = layers + 4  # embedding, layers, final norm, LM head, saving
     with open(log_path, "w", encoding="utf-8") as log, \
             tqdm(total=steps, desc=f"ONNX {precision} ({target})", unit="step", file=sys.stderr) as bar:
@@ -134,12 +140,14 @@ def _finish_config(output: Path, stop_ids: list[int]) -> None:
     path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
-def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu") -> Path:
+def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu",
+                block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
     """Export a HF folder or a LoRA adapter folder to an ONNX Runtime GenAI folder; returns the folder."""
     from phi3serve.model import METADATA_FILE, end_of_turn_id, find_model_folder
 
-    if precision not in PRECISIONS or target not in TARGETS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)} and target one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS or target not in TARGETS or block_size not in BLOCK_SIZES:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, target one of {', '.join(TARGETS)} "
+                          f"and block size one of {', '.join(map(str, BLOCK_SIZES))}")
     _check_combination(precision, target)
     _builder_available()
     try:
@@ -167,11 +175,13 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
             stop_ids = [i for i in dict.fromkeys(ids) if i is not None]
             builder_input = source
         layers = int(json.loads((builder_input / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
-        _run_builder(builder_input, output, precision, target, output / "export.log", layers)
+        _run_builder(builder_input, output, precision, target, block_size, output / "export.log", layers)
     shutil.rmtree(output / ".cache", ignore_errors=True)
     _gather_each_rows_last_token(output / "model.onnx")
     _finish_config(output, stop_ids)
     metadata["onnx"] = {"precision": precision, "target": target, "source": str(source)}
+    if precision in ("int4", "int8"):
+        metadata["onnx"]["block_size"] = block_size
     (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     return output
 
@@ -184,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     onnx.add_argument("--output-dir", required=True, help="new folder for the ONNX model (serve it with phi3flow serve --model-dir)")
     onnx.add_argument("--precision", choices=PRECISIONS, default="int4", help="weights (default int4; fp16 needs --target cuda)")
     onnx.add_argument("--target", choices=TARGETS, default="cpu", help="execution provider the model is built for (default cpu)")
+    onnx.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+                      help=f"int4/int8 weights per scale (default {DEFAULT_BLOCK_SIZE}; smaller: closer to the original, slower)")
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
         from phi3flow.embedded import embedded_model_dir
 
         model_dir = embedded_model_dir()
-    out = export_onnx(model_dir, args.output_dir, args.precision, args.target)  # ExportError: cli.main reports it
+    out = export_onnx(model_dir, args.output_dir, args.precision, args.target, args.block_size)  # ExportError: cli.main reports it
     print(f"ONNX model written to {out}; serve it with: phi3flow serve --model-dir {out}")
     return 0

@@ -51,7 +51,7 @@ def test_export_writes_a_genai_folder_that_stops_on_the_end_of_turn_token(onnx_d
     config = json.loads((onnx_dir / "genai_config.json").read_text())
     metadata = json.loads((onnx_dir / "phi3flow_metadata.json").read_text())
     assert (onnx_dir / "model.onnx").is_file() and (onnx_dir / "tokenizer.json").is_file()
-    assert metadata["onnx"] == {"precision": "int4", "target": "cpu", "source": str(embedded_dir)}
+    assert metadata["onnx"] == {"precision": "int4", "target": "cpu", "source": str(embedded_dir), "block_size": 32}
     hf = ChatModel.load(embedded_dir)
     assert set(hf.stop_ids) <= set(config["model"]["eos_token_id"])
     assert sum(p.stat().st_size for p in onnx_dir.iterdir()) < 0.5 * sum(p.stat().st_size for p in embedded_dir.iterdir())
@@ -254,3 +254,5 @@ def test_unsupported_architectures_and_combinations_get_a_clear_error(embedded_d
     assert "phi3flow export: fp16 runs on a GPU only" in capsys.readouterr().err
     assert main(["export", "onnx", "--model-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o3")]) == 1
     assert "No model found" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="block size one of 16, 32, 64, 128, 256"):
+        export_onnx(embedded_dir, tmp_path / "o4", block_size=48)
