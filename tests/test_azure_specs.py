@@ -199,6 +199,11 @@ def test_inference_environment_has_the_inference_server() -> None:
     assert "azureml-inference-server-http" in pip_names(spec("inference-environment.yml").conda_file)
 
 
+def test_inference_environment_can_serve_an_onnx_export() -> None:
+    """score.py picks the ONNX engine for a `phi3flow export onnx` folder: the cloud image must be able to run it."""
+    assert {"onnxruntime-genai", "onnxruntime"} <= pip_names(spec("inference-environment.yml").conda_file)
+
+
 def test_deployment_survives_a_slow_start_and_slow_generation() -> None:
     deployment = spec("deployment.yml")
     assert deployment.request_settings.request_timeout_ms >= 60_000  # the default 5000 ms cuts generation off
