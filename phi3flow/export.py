@@ -30,7 +30,6 @@ PRECISIONS = ("int4", "int8", "fp16", "fp32")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 TARGETS = ("cpu", "cuda")
-GENAI_CONFIG = "genai_config.json"  # the marker of an ONNX Runtime GenAI folder
 INSTALL_HINT = "pip install 'phi3flow[onnx]' (onnxruntime-genai with onnx, onnx-ir and onnxscript, which its builder needs)"
 
 
@@ -132,7 +131,9 @@ def _gather_each_rows_last_token(model_path: Path) -> None:
 
 def _finish_config(output: Path, stop_ids: list[int]) -> None:
     """Every stop token of the served model ends generation."""
-    path = output / GENAI_CONFIG
+    from phi3serve.model import ONNX_CONFIG
+
+    path = output / ONNX_CONFIG
     config = json.loads(path.read_text(encoding="utf-8"))
     eos = config["model"].get("eos_token_id")
     known = eos if isinstance(eos, list) else [eos]
@@ -143,7 +144,7 @@ def _finish_config(output: Path, stop_ids: list[int]) -> None:
 def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu",
                 block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
     """Export a HF folder or a LoRA adapter folder to an ONNX Runtime GenAI folder; returns the folder."""
-    from phi3serve.model import METADATA_FILE, end_of_turn_id, find_model_folder
+    from phi3serve.model import METADATA_FILE, ONNX_CONFIG, end_of_turn_id, find_model_folder, read_json
 
     if precision not in PRECISIONS or target not in TARGETS or block_size not in BLOCK_SIZES:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, target one of {', '.join(TARGETS)} "
@@ -155,10 +156,10 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from None
     output = Path(output_dir)
-    if (output / GENAI_CONFIG).exists():
+    if (output / ONNX_CONFIG).exists():
         raise ExportError(f"{output} already holds an ONNX model: choose an empty --output-dir")
     output.mkdir(parents=True, exist_ok=True)
-    metadata = json.loads((source / METADATA_FILE).read_text(encoding="utf-8")) if (source / METADATA_FILE).is_file() else {}
+    metadata = read_json(source / METADATA_FILE) or {}
     with tempfile.TemporaryDirectory(prefix="phi3flow-merge-", dir=output) as staging:
         if (source / "adapter_config.json").is_file():
             print(f"Merging the LoRA adapter {source} onto its base", file=sys.stderr)

@@ -73,13 +73,14 @@ class Engine(Protocol):
 
 
 class Bounded:
-    """The queue bound and worker-liveness bookkeeping both engines share."""
+    """The queue bound, batch collection and worker-liveness bookkeeping the engines share."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
         self.lock = threading.Condition()
         self.worker: threading.Thread | None = None
         self.waiting: list[Job] = []  # jobs not yet taken into a batch, oldest first
+        self.stopping = False  # set (under the lock) by an engine's close(): collect() then returns []
 
     def submit(self, job: Job) -> None:
         """Queue a job for the worker; Busy (503 + Retry-After) when `max_queue` already wait."""
@@ -88,6 +89,31 @@ class Bounded:
                 raise Busy()
             self.waiting.append(job)
             self.lock.notify()
+
+    def take(self, limit: int) -> list[Job]:
+        """Up to `limit` live waiting jobs, oldest first (lock held); expired ones are dropped."""
+        self.waiting = [job for job in self.waiting if not job.expired()]
+        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
+        return taken
+
+    def collect(self, limit: int, wait_s: float, gap_s: float) -> list[Job]:
+        """The oldest waiting job and those arriving right behind it (less than `gap_s` apart, for at most
+        `wait_s`), up to `limit`; blocks while nothing waits ([] once stopping)."""
+        with self.lock:
+            while True:
+                while not self.stopping and not self.waiting:
+                    self.lock.wait()
+                if self.stopping:
+                    return []
+                deadline, seen = time.monotonic() + wait_s, len(self.waiting)
+                while len(self.waiting) < limit and not self.stopping and time.monotonic() < deadline:
+                    self.lock.wait(timeout=max(0.0, min(gap_s, deadline - time.monotonic())))
+                    if len(self.waiting) == seen:
+                        break  # nothing arrived within gap_s: go
+                    seen = len(self.waiting)
+                taken = self.take(limit)
+                if taken:
+                    return taken
 
     def start_worker(self, target, name: str) -> None:
         self.worker = threading.Thread(target=target, name=name, daemon=True)

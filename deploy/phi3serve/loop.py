@@ -199,27 +199,6 @@ class LoopEngine(Bounded):
         while self.running and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def _take(self, limit: int) -> list[Job]:
-        """Up to `limit` live waiting jobs, oldest first (lock held)."""
-        self.waiting = [job for job in self.waiting if not job.expired()]
-        taken, self.waiting = self.waiting[:limit], self.waiting[limit:]
-        return taken
-
-    def _collect(self) -> list[Job]:
-        with self.lock:
-            while True:
-                while not self.waiting:
-                    self.lock.wait()
-                deadline, seen = time.monotonic() + self.wait_s, len(self.waiting)
-                while len(self.waiting) < self.max_batch and time.monotonic() < deadline:
-                    self.lock.wait(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic())))
-                    if len(self.waiting) == seen:
-                        break  # nothing arrived within gap_s: go
-                    seen = len(self.waiting)
-                batch = self._take(self.max_batch)
-                if batch:
-                    return batch
-
     def _admit(self, free: int) -> list[Job]:
         """Called between decode steps. A prefill stalls the running batch, so joiners come in groups: at
         once when the batch is empty or `join_min` are waiting, else after at most `join_every` steps."""
@@ -231,11 +210,11 @@ class LoopEngine(Bounded):
             if free < self.max_batch and ready < min(free, self.join_min) and self.steps_since_join < self.join_every:
                 return []
             self.steps_since_join = 0
-            return self._take(free)
+            return self.take(free)
 
     def _work(self) -> None:
         while True:
-            self.run_batch(self._collect())
+            self.run_batch(self.collect(self.max_batch, self.wait_s, self.gap_s))
 
     def run_batch(self, batch: list[Job]) -> None:
         """Decode `batch` (and the joiners it admits) to the end; a failure fails exactly those jobs."""

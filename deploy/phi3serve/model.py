@@ -98,8 +98,8 @@ class ChatModel:
 
             return OnnxChatModel.load(folder)
         cuda = torch.cuda.is_available()
-        metadata = _read_json(folder / METADATA_FILE) or {}
-        adapter = _read_json(folder / "adapter_config.json")
+        metadata = read_json(folder / METADATA_FILE) or {}
+        adapter = read_json(folder / "adapter_config.json")
         base: str | Path = folder
         if adapter is not None:
             base = os.environ.get(BASE_MODEL_ENV) or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
@@ -182,5 +182,6 @@ def _capped(model_context: int) -> int:
     return min(model_context, int(value))
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, None when the file is absent (metadata and adapter configs are optional)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -24,7 +24,7 @@ import torch
 from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.loop import pick, row_settings
-from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped
+from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped, read_json
 
 log = logging.getLogger("azmlinfsrv.score")
 KEEP_ROOM = 256  # spare tokens in a single row's cache, for a next request that shares its prefix
@@ -56,9 +56,7 @@ class OnnxChatModel(ChatModel):
         except ImportError:
             raise RuntimeError(f"{folder} is an ONNX Runtime GenAI model; serving it needs {INSTALL_HINT}") from None
         config = json.loads((folder / ONNX_CONFIG).read_text(encoding="utf-8"))
-        metadata_path = folder / METADATA_FILE
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
-        return cls(folder, AutoTokenizer.from_pretrained(folder), config, metadata)
+        return cls(folder, AutoTokenizer.from_pretrained(folder), config, read_json(folder / METADATA_FILE) or {})
 
 
 class OnnxEngine(Bounded):
@@ -84,7 +82,6 @@ class OnnxEngine(Bounded):
         self.stop = torch.tensor(model.stop_ids)
         self.running: list[Job] = []  # the jobs taken from the queue, being decoded
         self.kept: tuple[Any, list[int], int] | None = None  # the last single-row Generator, its prompt, its length
-        self.stopping = False
         ready: dict[str, Any] = {}
         started = threading.Event()
         self.start_worker(lambda: self._work(ready, started), "phi3flow-onnx")
@@ -111,7 +108,7 @@ class OnnxEngine(Bounded):
         except Exception as exc:  # noqa: BLE001 - reported by __init__ in the caller's thread
             ready["error"] = f"{type(exc).__name__}: {exc}"
         started.set()
-        while "error" not in ready and (jobs := self._collect()):
+        while "error" not in ready and (jobs := self.collect(self.max_batch, self.wait_s, self.gap_s)):
             self.running = jobs  # close() cancels them all, groups not started yet included
             for group in self._groups(jobs):
                 try:
@@ -122,25 +119,6 @@ class OnnxEngine(Bounded):
                     for job in group:
                         job.resolve(error)
             self.running = []
-
-    def _collect(self) -> list[Job]:
-        """The oldest waiting jobs and those arriving right behind them, up to max_batch ([] once closed)."""
-        with self.lock:
-            while True:
-                while not self.stopping and not self.waiting:
-                    self.lock.wait()
-                if self.stopping:
-                    return []
-                deadline, seen = time.monotonic() + self.wait_s, len(self.waiting)
-                while len(self.waiting) < self.max_batch and not self.stopping and time.monotonic() < deadline:
-                    self.lock.wait(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic())))
-                    if len(self.waiting) == seen:
-                        break  # nothing arrived within gap_s: go
-                    seen = len(self.waiting)
-                live = [job for job in self.waiting if not job.expired()]
-                taken, self.waiting = live[:self.max_batch], live[self.max_batch:]
-                if taken:
-                    return taken
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Batches the library can run: rows share one length budget (longest prompt + most new tokens), which
