@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if data_dir is None:
-            from phi3flow.finetune import data
+            from phi3flow.data import prepare as data
 
             data_dir = Path(tmp)
             data.main(["--sample", "--output-dir", tmp])
