@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from phi3flow.errors import Phi3flowError
 from phi3flow.finetune.config import read_config
+from phi3serve.contract import MAX_CONTEXT_ENV as CONTEXT_ENV
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -67,7 +68,6 @@ MODELS = {
     "phi4-mini": ModelChoice("phi4-mini-qlora", 12288),  # 8 key-value heads x 128, 128 KiB/token: 12k of its 128k
 }
 DEFAULT_MODEL = "phi3-mini"  # what the specs in azureml/ hold as they are
-CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 WORKSPACE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME")
 JOB_PLACEHOLDER = "JOB_NAME"  # stands for the job's name until `register --job-name` gives it
 ARM_SCOPE = "https://management.azure.com/.default"

@@ -16,6 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # the endpoint key, for the local server and for clients
+# Caps the context the server accepts (prompt + max_new_tokens) below the model's own: a 128k-token model would
+# otherwise let every request grow a KV cache the GPU cannot hold for many requests (`phi3flow azure deploy` sets it
+# per model in the deployment; phi3serve.model applies it).
+MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
 GREEDY_BELOW = 1e-3  # temperatures under this decode greedily (dividing logits by ~0 overflows)

@@ -11,15 +11,12 @@ from typing import Any
 
 import torch
 
-from phi3serve.contract import BadRequest
+from phi3serve.contract import MAX_CONTEXT_ENV, BadRequest
 
 log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
 
 BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base model
 DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
-# Caps the context the server accepts (prompt + max_new_tokens) below the model's own: a 128k-token model would
-# otherwise let every request grow a KV cache the GPU cannot hold for many requests (deployment.yml sets it per model).
-MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
 METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
 ONNX_CONFIG = "genai_config.json"  # an ONNX Runtime GenAI folder (`phi3flow export onnx`): served by phi3serve.onnx_engine
 _SENTINEL = "phi3flow-sentinel-answer"
