@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO
+from phi3flow.offline import pf_executable
 from phi3serve import contract
 
 TOOL_YAML = REPO / "tools" / "yamls" / "chat_endpoint.yaml"
@@ -56,8 +57,7 @@ def test_pf_tool_validate_accepts_the_tool_package(tmp_path: Path):
     """`pf tool validate` on the package, as the tool-package quickstart does: it checks the `package_tools` entry
     point, imports every module of `phi3flow` (so each must import without the Agent Framework) and parses each tool."""
     env = {**os.environ, "PF_DISABLE_TRACING": "true"}
-    pf = REPO / ".venv" / "bin" / "pf"
-    done = subprocess.run([str(pf), "tool", "validate", "--source", "phi3flow"],
+    done = subprocess.run([pf_executable(), "tool", "validate", "--source", "phi3flow"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])

@@ -130,9 +130,15 @@ def test_evaluation_flow_scores_a_line_in_its_own_environment(eval_upload):
     assert scores["contains_fact"] == 1.0 and 0 < scores["rouge_l"] < 1
 
 
-def test_bare_wheel_lists_the_tool(wheel, tmp_path_factory):
+@pytest.fixture(scope="module")
+def bare_wheel(wheel, tmp_path_factory) -> Path:
+    """The bin folder of a fresh environment with the wheel alone installed (the VS Code extension's case)."""
+    return fresh_environment(tmp_path_factory.mktemp("env") / "bare", str(wheel), cwd=wheel.parent)
+
+
+def test_bare_wheel_lists_the_tool(wheel, bare_wheel, tmp_path_factory):
     """The VS Code case: `pip install` of the wheel alone into the environment the extension uses."""
-    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / "bare", str(wheel), cwd=wheel.parent)
+    bin_dir = bare_wheel
     home = PromptFlowHome(tmp_path_factory.mktemp("pf-home"), bin_dir)
     try:
         assert lacks(bin_dir, "yaml")
@@ -142,9 +148,9 @@ def test_bare_wheel_lists_the_tool(wheel, tmp_path_factory):
         home.close()
 
 
-def test_bare_wheel_runs_what_needs_no_extra_and_names_the_extra_otherwise(wheel, tmp_path_factory):
+def test_bare_wheel_runs_what_needs_no_extra_and_names_the_extra_otherwise(bare_wheel, tmp_path_factory):
     """The wheel alone: the data stage works from it; a command whose extra is missing says which, in one line."""
-    bin_dir = fresh_environment(tmp_path_factory.mktemp("env") / "cli", str(wheel), cwd=wheel.parent)
+    bin_dir = bare_wheel
     work = tmp_path_factory.mktemp("work")
     checked(subprocess.run([str(bin_dir / "phi3flow"), "data", "--sample", "--output-dir", "data"], cwd=work,
                            capture_output=True, text=True, timeout=120))
