@@ -22,10 +22,7 @@ from phi3flow.evaluation.compare import main as evaluate
 
 
 def test_restart_during_batch_run_is_recorded_then_resumed(tmp_path, monkeypatch):
-    rows = [{"prompt": f"q{i}", "prompt_id": str(i), "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-            for i in range(4)]
-    data = tmp_path / "test_data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = _data(tmp_path, 4)
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     server = ScriptedEndpoint()
     port = server.server.server_address[1]
@@ -40,7 +37,7 @@ def test_restart_during_batch_run_is_recorded_then_resumed(tmp_path, monkeypatch
     threading.Thread(target=go_down_mid_run, daemon=True).start()
     args = ["--candidate", server.url, "--data", str(data), "--output-dir", str(tmp_path / "out"), "--concurrency", "1"]
     assert evaluate(args) == 1  # failed lines make the run exit non-zero
-    records = [json.loads(line) for line in (tmp_path / "out" / "candidate.predictions.jsonl").read_text().splitlines()]
+    records = _stored(tmp_path / "out")
     failed = [r for r in records if r["error"]]
     assert len(records) == 4 and [r["index"] for r in failed] == [3] and "cannot reach" in failed[0]["error"]
 
