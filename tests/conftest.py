@@ -13,10 +13,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from transformers import Phi3ForCausalLM
+
+    from phi3flow.finetune.config import FinetuneConfig
 
 # CI runs the property tests with a fixed seed, so a red build is reproducible (locally they explore).
 settings.register_profile("ci", derandomize=True)
@@ -142,3 +147,62 @@ def pf_connection(url: str, key: str) -> Iterator[str]:
     assert key not in result.stdout + result.stderr
     yield "phi3_endpoint"
     stop_pf_service()
+
+
+# --- training: a tiny random Phi-3 and the offline sample (test_finetune, test_faults, test_models) -------
+
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's fused projections
+
+
+def tiny_phi3(vocab_size: int, **ids: int | None) -> "Phi3ForCausalLM":
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     **{"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **ids})
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> "FinetuneConfig":
+    """The CPU config, shrunk: settings of both parts (phi3flow's and the Trainer's) by their own names."""
+    from phi3flow.finetune import config
+
+    values = dict(train_file=str(files[0]), test_file=str(files[1]), output_dir=str(tmp / "out"), max_seq_length=128,
+                  per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3, max_steps=4,
+                  logging_steps=1, eval_strategy="no", save_steps=100, warmup_steps=0, lr_scheduler_type="constant")
+    return config.load_config(config.DEFAULT_CONFIG, {**values, **overrides})
+
+
+def write_sample(folder: Path, size: int, test_size: float) -> tuple[Path, Path]:
+    """`phi3flow data --sample` into `folder`: (train file, test file)."""
+    from phi3flow.data import prepare
+
+    assert prepare.main(["--sample", "--sample-size", str(size), "--test-size", str(test_size), "--output-dir", str(folder)]) == 0
+    return folder / prepare.TRAIN_FILE, folder / prepare.TEST_FILE
+
+
+@pytest.fixture(scope="session")
+def sample_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_sample(tmp_path_factory.mktemp("data"), 48, 0.25)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from phi3flow.embedded import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A randomly initialised Phi-3 saved with the embedded tokenizer: the fused-projection path, in seconds."""
+    folder = tmp_path_factory.mktemp("tiny-phi3")
+    model = tiny_phi3(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_finetune import sample_files, tiny_phi3_dir, tokenizer  # noqa: F401 (fixtures)
 from transformers import TrainerCallback
 
-from conftest import SECRET, Reply, ScriptedEndpoint
+from conftest import PHI3_TARGETS, SECRET, Reply, ScriptedEndpoint, small_config
 from phi3flow.client import EndpointClient, EndpointError
 from phi3flow.evaluation.compare import main as evaluate
 
@@ -154,8 +153,6 @@ def test_ctrl_c_stops_at_once_sends_nothing_more_and_keeps_the_answers(tmp_path)
 @pytest.mark.model
 @pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
 def test_finetune_resume_falls_back_to_the_newest_intact_checkpoint(cut, tmp_path, sample_files, tiny_phi3_dir):
-    from test_finetune import PHI3_TARGETS, small_config
-
     from phi3flow.finetune import train
 
     cfg = small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS, max_steps=3, save_steps=1)

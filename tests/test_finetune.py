@@ -17,58 +17,15 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
-    Phi3Config,
-    Phi3ForCausalLM,
     TrainerCallback,
     TrainingArguments,
 )
 
+from conftest import PHI3_TARGETS, small_config, tiny_phi3
 from phi3flow.data import prepare as data
 from phi3flow.finetune import chat, config, train
 
-PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 QUESTIONS = ["What is the capital of Peru?", "What is 7 plus 5?", "Which day comes after Friday?"]
-
-
-def tiny_phi3(vocab_size: int, **ids: int | None) -> Phi3ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     **{"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **ids})
-    return Phi3ForCausalLM(cfg).eval()
-
-
-def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> config.FinetuneConfig:
-    """The CPU config, shrunk: settings of both parts (phi3flow's and the Trainer's) by their own names."""
-    values = dict(train_file=str(files[0]), test_file=str(files[1]), output_dir=str(tmp / "out"), max_seq_length=128,
-                  per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3, max_steps=4,
-                  logging_steps=1, eval_strategy="no", save_steps=100, warmup_steps=0, lr_scheduler_type="constant")
-    return config.load_config(config.DEFAULT_CONFIG, {**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def sample_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    assert data.main(["--sample", "--sample-size", "48", "--test-size", "0.25", "--output-dir", str(folder)]) == 0
-    return folder / data.TRAIN_FILE, folder / data.TEST_FILE
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from phi3flow.embedded import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A randomly initialised Phi-3 saved with the embedded tokenizer: the fused-projection path, in seconds."""
-    folder = tmp_path_factory.mktemp("tiny-phi3")
-    model = tiny_phi3(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 # --- config -------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
+from conftest import write_sample
 from phi3flow import azure
-from phi3flow.data import prepare as data
 from phi3flow.finetune import chat, config, train
 
 # Published chat templates (tokenizer_config.json of each hub model).
@@ -99,9 +99,8 @@ def phi_tokenizer(template: str):
 
 @pytest.fixture(scope="module")
 def sample_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    assert data.main(["--sample", "--sample-size", "40", "--test-size", "0.2", "--output-dir", str(folder)]) == 0
-    return folder / data.TRAIN_FILE, folder / data.TEST_FILE
+    """A smaller sample than conftest's: each published shape trains on it."""
+    return write_sample(tmp_path_factory.mktemp("data"), 40, 0.2)
 
 
 @pytest.fixture(scope="module", params=sorted(PUBLISHED))
