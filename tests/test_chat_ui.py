@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, SECRET, Reply, ScriptedEndpoint
-from phi3flow.offline import OFFLINE_ENV
+from conftest import REPO, SECRET, PromptFlowHome, Reply, ScriptedEndpoint
+from phi3flow.deploy.serve import free_port
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = REPO / "test-artifacts"  # screenshots and the pf commands' logs (gitignored)
@@ -32,12 +30,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
 FETCH_FAILED = "Failed to fetch"  # the page's words when the serving app did not answer at all
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon", "Greece": "Athens"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition, timeout: float, what: str):
@@ -49,56 +41,6 @@ def wait_until(condition, timeout: float, what: str):
             return result
         time.sleep(0.5)
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-
-
-class PromptFlowHome:
-    """A private, offline Prompt Flow home for the `pf` of one environment (`bin_dir`): its connections, its local service.
-
-    Servers it starts are stopped by `close()`; the endpoint key only ever travels in an environment variable."""
-
-    def __init__(self, path: Path, bin_dir: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "pf.yaml").write_text("telemetry:\n  enabled: 'false'\n")
-        self.bin = bin_dir
-        self.env = {**os.environ, **OFFLINE_ENV, "PF_HOME_DIRECTORY": str(path), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    "PYTHONUNBUFFERED": "1"}  # logs line by line: the tests read them while pf runs
-        self.processes: list[subprocess.Popen] = []
-
-    def run(self, *args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                              env={**self.env, **(env or {})})
-
-    def connect(self, url: str, key: str = SECRET) -> None:
-        """`phi3flow connect` (the key from its environment variable, never the command line)."""
-        result = self.run("phi3flow", "connect", "--endpoint", url, env={"PHI3FLOW_ENDPOINT_KEY": key})
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    def start_service(self) -> None:
-        """The local pf service on a free port (not the shared default 23333); its daemon keeps no pipe of ours."""
-        subprocess.run([str(self.bin / "pf"), "service", "start", "--port", str(free_port())], env=self.env, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-
-    def spawn(self, *args: str, log: Path, cwd: Path = REPO) -> subprocess.Popen:
-        """A long-running `pf` command in its own process group, output to `log`."""
-        with log.open("w") as out:
-            process = subprocess.Popen([str(self.bin / args[0]), *args[1:]], cwd=cwd, env=self.env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append(process)
-        return process
-
-    def close(self) -> None:
-        """Ctrl-C each spawned command's process group (pf stops its serving app on it), then `pf service stop`."""
-        for process in self.processes:
-            for sig, grace in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(process.pid, sig)
-                    process.wait(timeout=grace)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        subprocess.run([str(self.bin / "pf"), "service", "stop"], env=self.env, capture_output=True, timeout=120, check=False)
 
 
 def capital_endpoint(port: int = 0) -> ScriptedEndpoint:

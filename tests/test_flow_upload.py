@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SECRET, Reply, ScriptedEndpoint
+from conftest import REPO, SECRET, PromptFlowHome, Reply, ScriptedEndpoint
 from phi3flow.evaluation.metrics import first_turn, line_metrics
-from test_chat_ui import PromptFlowHome
 
 pytestmark = pytest.mark.e2e
 TOOL = "phi3flow.tools.chat_endpoint.chat"
