@@ -144,7 +144,7 @@ def _finish_config(output: Path, stop_ids: list[int]) -> None:
 def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu",
                 block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
     """Export a HF folder or a LoRA adapter folder to an ONNX Runtime GenAI folder; returns the folder."""
-    from phi3serve.model import METADATA_FILE, ONNX_CONFIG, end_of_turn_id, find_model_folder, read_json
+    from phi3serve.model import METADATA_FILE, ONNX_CONFIG, find_model_folder, read_json, stop_ids
 
     if precision not in PRECISIONS or target not in TARGETS or block_size not in BLOCK_SIZES:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, target one of {', '.join(TARGETS)} "
@@ -164,22 +164,18 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
         if (source / "adapter_config.json").is_file():
             print(f"Merging the LoRA adapter {source} onto its base", file=sys.stderr)
             chat = _merged_copy(source, Path(staging))
-            stop_ids, builder_input = chat.stop_ids, Path(staging)
+            stop, builder_input = chat.stop_ids, Path(staging)
         else:
             from transformers import AutoTokenizer
 
             if not (source / "config.json").is_file():
                 raise ExportError(f"{source} has no config.json: export a Hugging Face model folder or a LoRA adapter")
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            recorded = metadata.get("end_of_turn_token")
-            ids = [tokenizer.convert_tokens_to_ids(recorded) if recorded else None, end_of_turn_id(tokenizer)]
-            stop_ids = [i for i in dict.fromkeys(ids) if i is not None]
-            builder_input = source
+            stop, builder_input = stop_ids(AutoTokenizer.from_pretrained(source), metadata.get("end_of_turn_token")), source
         layers = int(json.loads((builder_input / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
         _run_builder(builder_input, output, precision, target, block_size, output / "export.log", layers)
     shutil.rmtree(output / ".cache", ignore_errors=True)
     _gather_each_rows_last_token(output / "model.onnx")
-    _finish_config(output, stop_ids)
+    _finish_config(output, stop)
     metadata["onnx"] = {"precision": precision, "target": target, "source": str(source)}
     if precision in ("int4", "int8"):
         metadata["onnx"]["block_size"] = block_size

@@ -70,6 +70,21 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id
 
 
+def stop_ids(tokenizer: Any, recorded: str | None, eos: int | list[int] | None = None) -> list[int]:
+    """The tokens that end a turn: what training recorded, the chat template's end-of-turn token, the model's own
+    EOS setting (`eos`: its generation config's, or an ONNX folder's), then the tokenizer's EOS."""
+    ids: list[int | None] = []
+    if recorded is not None:
+        ids.append(tokenizer.convert_tokens_to_ids(recorded))
+    ids.append(end_of_turn_id(tokenizer))
+    ids += eos if isinstance(eos, list) else [eos]
+    ids.append(tokenizer.eos_token_id)
+    stop = list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+    if not stop:
+        raise RuntimeError("the model has no end-of-turn or EOS token: generation could never stop")
+    return stop
+
+
 class ChatModel:
     """A causal LM with its tokenizer and chat template: encodes conversations, knows its stop tokens."""
 
@@ -79,7 +94,7 @@ class ChatModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context = _capped(int(getattr(model.config, "max_position_embeddings", 0) or 4096))
-        self.stop_ids = self._stop_ids(end_of_turn)
+        self.stop_ids = stop_ids(tokenizer, end_of_turn, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -111,20 +126,6 @@ class ChatModel:
         if cuda:
             model = model.to("cuda")
         return cls(model, tokenizer, metadata.get("end_of_turn_token"))
-
-    def _stop_ids(self, recorded: str | None) -> list[int]:
-        """What training recorded, the chat template's end-of-turn token, then the model's own EOS settings."""
-        ids: list[int | None] = []
-        if recorded is not None:
-            ids.append(self.tokenizer.convert_tokens_to_ids(recorded))
-        ids.append(end_of_turn_id(self.tokenizer))
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)  # an ONNX model has none
-        ids += eos if isinstance(eos, list) else [eos]
-        ids.append(self.tokenizer.eos_token_id)
-        stop = list(dict.fromkeys(i for i in ids if i is not None and i != self.tokenizer.unk_token_id))
-        if not stop:
-            raise RuntimeError("the model has no end-of-turn or EOS token: generation could never stop")
-        return stop
 
     def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt, dropping the oldest turns (after the system prompt) if needed: (ids, turns dropped).

@@ -24,7 +24,7 @@ import torch
 from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.loop import pick, row_settings
-from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped, read_json
+from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped, read_json, stop_ids
 
 log = logging.getLogger("azmlinfsrv.score")
 KEEP_ROOM = 256  # spare tokens in a single row's cache, for a next request that shares its prefix
@@ -39,9 +39,7 @@ class OnnxChatModel(ChatModel):
     def __init__(self, folder: Path, tokenizer: Any, config: dict, metadata: dict):
         self.folder, self.model, self.tokenizer = folder, None, tokenizer  # the ONNX model is loaded by OnnxEngine
         self.context = _capped(int(config["model"].get("context_length") or 4096))
-        eos = config["model"].get("eos_token_id")
-        built = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = list(dict.fromkeys([*self._stop_ids(metadata.get("end_of_turn_token")), *(i for i in built if i is not None)]))
+        self.stop_ids = stop_ids(tokenizer, metadata.get("end_of_turn_token"), config["model"].get("eos_token_id"))
         self.pad_id = config["model"]["pad_token_id"]  # what the library masks when it trails a row of a batch
         providers = json.dumps(config["model"]["decoder"].get("session_options", {}).get("provider_options", []))
         self.device = torch.device("cuda" if "cuda" in providers else "cpu")
