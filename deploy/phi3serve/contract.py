@@ -10,12 +10,15 @@ Response: {"output": "<assistant text>"}; errors {"message": "..."} with a 4xx/5
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 KEY_ENV = "PHI3FLOW_ENDPOINT_KEY"  # the endpoint key, for the local server and for clients
+KEY_HEADERS = "'Authorization: Bearer <key>' or 'api-key: <key>'"  # how clients may send the key (OpenAI's SDKs use either)
 # Caps the context the server accepts (prompt + max_new_tokens) below the model's own: a 128k-token model would
 # otherwise let every request grow a KV cache the GPU cannot hold for many requests (`phi3flow azure deploy` sets it
 # per model in the deployment; phi3serve.model applies it).
@@ -90,22 +93,24 @@ class Param:
     high: float
     low_open: bool = False
 
-    def check(self, name: str, value: Any) -> Any:
+    def check(self, name: str, value: Any, where: str = "parameters.") -> Any:
+        """The value, validated; BadRequest names the field as the client spelled it (`where` + `name`)."""
+        name = f"{where}{name}"
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise BadRequest(f"parameters.{name} must be true or false, got {_show(value)}")
+                raise BadRequest(f"{name} must be true or false, got {_show(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadRequest(f"parameters.{name} must be a number, got {_show(value)}")
+            raise BadRequest(f"{name} must be a number, got {_show(value)}")
         if isinstance(value, int) and abs(value) > 10**9:  # huge integers overflow float()
-            raise BadRequest(f"parameters.{name} must be in {self.range()}, got a {len(str(abs(value)))}-digit number")
+            raise BadRequest(f"{name} must be in {self.range()}, got a {len(str(abs(value)))}-digit number")
         if not math.isfinite(value):
-            raise BadRequest(f"parameters.{name} must be a finite number, got {value}")
+            raise BadRequest(f"{name} must be a finite number, got {value}")
         if self.kind is int and value != int(value):
-            raise BadRequest(f"parameters.{name} must be a whole number, got {value}")
+            raise BadRequest(f"{name} must be a whole number, got {value}")
         low_ok = value > self.low if self.low_open else value >= self.low
         if not low_ok or value > self.high:
-            raise BadRequest(f"parameters.{name} must be in {self.range()}, got {value}")
+            raise BadRequest(f"{name} must be in {self.range()}, got {value}")
         return self.kind(value)
 
     def range(self) -> str:
@@ -149,22 +154,56 @@ class ChatRequest:
     params: Parameters
 
 
+def endpoint_key() -> bytes | None:
+    """The key requests must carry ($PHI3FLOW_ENDPOINT_KEY), None when unset (an open endpoint).
+
+    Read by the scoring script and by the gunicorn worker, which checks it before reading a body."""
+    key = os.environ.get(KEY_ENV)
+    if key is not None and (not key.strip() or key != key.strip()):
+        raise RuntimeError(f"{KEY_ENV} is empty or has surrounding whitespace: give the key exactly, or unset it")
+    return key.encode() if key else None
+
+
+def authorized(key: bytes | None, authorization: str | bytes | None, api_key: str | bytes | None) -> bool:
+    """Whether a request carries `key` (always, when it is None), as `Authorization: Bearer <key>` or `api-key: <key>`
+    (KEY_HEADERS). The scoring script and the gunicorn worker, which checks before reading a body, both ask here.
+
+    Header values come as the server parsed them: bytes, or text decoded as Latin-1 (WSGI's rule). Both candidates
+    are compared in constant time (compare_digest's time does not depend on where the tokens differ)."""
+    if key is None:
+        return True
+    scheme, _, token = _raw(authorization).partition(b" ")
+    bearer = hmac.compare_digest(token.strip(), key) and scheme.lower() == b"bearer"
+    return hmac.compare_digest(_raw(api_key).strip(), key) or bearer
+
+
+def _raw(value: str | bytes | None) -> bytes:
+    if isinstance(value, str):
+        return value.encode("latin-1", errors="replace")
+    return value or b""
+
+
 def _show(value: Any, limit: int = 60) -> str:
     """A value for an error message, cut short (hostile inputs must not be echoed whole)."""
     text = json.dumps(value, ensure_ascii=True) if not isinstance(value, (dict, list)) else type(value).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def parse_request(body: bytes) -> ChatRequest:
-    """Validate a raw request body against the endpoint contract (BadRequest names what is wrong)."""
+def load_json(body: bytes, send: str) -> Any:
+    """The JSON value of a raw request body; BadRequest when it is too large, too deep or not JSON (`send`: what to send)."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except RecursionError:
-        raise BadRequest("request body nests JSON too deeply; send {\"input_data\": {...}}") from None
+        raise BadRequest(f"request body nests JSON too deeply; send {send}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON ({str(exc)[:120]}); send {{\"input_data\": {{...}}}}") from None
+        raise BadRequest(f"request body is not valid JSON ({str(exc)[:120]}); send {send}") from None
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Validate a raw request body against the endpoint contract (BadRequest names what is wrong)."""
+    data = load_json(body, '{"input_data": {...}}')
     if not isinstance(data, dict) or "input_data" not in data:
         raise BadRequest('missing "input_data": send {"input_data": {"input_string": [{"role": "user", "content": "..."}]}}')
     input_data = data["input_data"]
@@ -173,32 +212,47 @@ def parse_request(body: bytes) -> ChatRequest:
     turns = input_data.get("input_string")
     if not isinstance(turns, list) or not turns:
         raise BadRequest('input_data.input_string must be a non-empty list of {"role": ..., "content": ...} turns')
-    messages = []
-    for i, turn in enumerate(turns):
-        where = f"input_data.input_string[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRequest(f'{where} must be an object {{"role": ..., "content": ...}}')
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ROLES:
-            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {_show(role)}")
-        if not isinstance(content, str):
-            raise BadRequest(f"{where}.content must be a string, got {_show(content)}")
-        if not _encodable(content):
-            raise BadRequest(f"{where}.content is not valid Unicode text (it holds a lone surrogate)")
-        if role == "system" and i != 0:
-            raise BadRequest(f"{where}: a system turn is only allowed first")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user":
-        raise BadRequest("input_data.input_string must end with a user turn (the one to answer)")
-    raw = input_data.get("parameters") or {}
+    messages = check_turns(turns, "input_data.input_string")
+    raw = input_data.get("parameters")
+    if raw is None:  # absent, or null
+        raw = {}
     if not isinstance(raw, dict):
         raise BadRequest("input_data.parameters must be an object, e.g. {\"temperature\": 0.7, \"max_new_tokens\": 128}")
     unknown = sorted(set(raw) - set(PARAMS))
     if unknown:
         names = ", ".join(_show(name, 40) for name in unknown[:5])
         raise BadRequest(f"unknown parameter(s) {names} in input_data.parameters; supported: {', '.join(PARAMS)}")
-    checked = {name: PARAMS[name].check(name, value) for name, value in raw.items()}
-    return ChatRequest(messages, Parameters(**checked))
+    return ChatRequest(messages, check_parameters(raw))
+
+
+def check_turns(turns: list, where: str) -> list[dict[str, str]]:
+    """Role/content turns as the model takes them: known roles, text content, a system turn only first, a user turn
+    last. `where` is the list's name in the client's request (errors name the turn and field)."""
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{where}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRequest(f'{at} must be an object {{"role": ..., "content": ...}}')
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"{at}.role must be one of {', '.join(ROLES)}, got {_show(role)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"{at}.content must be a string, got {_show(content)}")
+        if not _encodable(content):
+            raise BadRequest(f"{at}.content is not valid Unicode text (it holds a lone surrogate)")
+        if role == "system" and i != 0:
+            raise BadRequest(f"{at}: a system turn is only allowed first")
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise BadRequest(f"{where} must end with a user turn (the one to answer)")
+    return messages
+
+
+def check_parameters(raw: dict[str, Any], where: str = "parameters.", names: dict[str, str] | None = None) -> Parameters:
+    """Generation parameters (keys of PARAMS) validated against their ranges; `names` maps a parameter to the name the
+    client used for it, so errors name the field the client sent."""
+    names = names or {}
+    return Parameters(**{name: PARAMS[name].check(names.get(name, name), value, where) for name, value in raw.items()})
 
 
 def _encodable(text: str) -> bool:
