@@ -7,7 +7,6 @@ engines are the `phi3serve` modules beside it (azmlinfsrv puts this folder on `s
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -24,9 +23,9 @@ from azureml_inference_server_http.api.aml_response import AMLResponse
 from flask import Response
 from werkzeug.exceptions import ClientDisconnected
 
-from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT, KEY_ENV,
-                                MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest, ServingError,
-                                Unavailable, parse_request)
+from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT,
+                                MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest,
+                                ServingError, Unavailable, authorized, endpoint_key, parse_request)
 from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
 
@@ -50,10 +49,7 @@ _max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
 def init() -> None:
     """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR, start the engine."""
     global _model, _key, _engine, _timeout_s, _max_new_tokens
-    key = os.environ.get(KEY_ENV)
-    if key is not None and (not key.strip() or key != key.strip()):
-        raise RuntimeError(f"{KEY_ENV} is empty or has surrounding whitespace: give the key exactly, or unset it")
-    _key = key.encode() if key else None
+    _key = endpoint_key()
     model_dir = os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
@@ -83,20 +79,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def _authorized(header: str | None) -> bool:
-    """Constant-time check of `Authorization: Bearer <key>` when a key is configured."""
-    if _key is None:
-        return True
-    scheme, _, token = (header or "").partition(" ")
-    # compare_digest runs in time independent of where the tokens differ
-    return hmac.compare_digest(token.strip().encode(), _key) and scheme.lower() == "bearer"
-
-
-def submit(body: bytes, stream: bool = False) -> tuple[Job, int]:
-    """Validate, encode and queue a request: (job, turns dropped). Raises ServingError."""
+def submit(body: bytes | ChatRequest, stream: bool = False) -> tuple[Job, int]:
+    """Validate (a raw contract body), encode and queue a request: (job, turns dropped). Raises ServingError."""
     if _engine is None or not _engine.healthy():
         raise Unavailable("the generation engine is not running; the server is restarting")
-    request = parse_request(body)
+    request = parse_request(body) if isinstance(body, bytes) else body
     if request.params.max_new_tokens > _max_new_tokens:
         raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
                          f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}")
@@ -120,21 +107,36 @@ def score(body: bytes, client_gone: Callable[[], bool] = lambda: False) -> tuple
     """
     try:
         job, dropped = submit(body)
-        give_up = time.monotonic() + _timeout_s + 30  # in case the engine never resolves the job
-        while True:
-            try:
-                answer = job.future.result(timeout=0.25)
-                break
-            except TimeoutError:
-                if client_gone():
-                    job.cancel()
-                    return {"message": "the client closed the connection; generation was stopped"}, 499, {}
-                if time.monotonic() > give_up:  # past the deadline the engine resolves it with Expired at its next step
-                    job.cancel()
-                    return {"message": f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped"}, 504, {}
+        answer = _wait(job, client_gone)
     except ServingError as exc:
         return {"message": str(exc)}, exc.status, dict(exc.headers)
     return {"output": answer.text}, 200, _headers(dropped, answer)
+
+
+def _wait(job: Job, client_gone: Callable[[], bool]) -> Answer:
+    """The job's answer; ServingError 499 when the client hung up, 504 past the deadline (the job is then cancelled)."""
+    give_up = time.monotonic() + _timeout_s + 30  # in case the engine never resolves the job
+    while True:
+        try:
+            return job.future.result(timeout=0.25)
+        except TimeoutError:
+            if client_gone():
+                job.cancel()
+                raise ServingError("the client closed the connection; generation was stopped", status=499) from None
+            if time.monotonic() > give_up:  # past the deadline the engine resolves it with Expired at its next step
+                job.cancel()
+                raise ServingError(f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped", status=504) from None
+
+
+def chat_completion(body: bytes, client_gone: Callable[[], bool] = lambda: False) -> tuple[dict, int, dict[str, str]]:
+    """OpenAI's Chat Completions without HTTP, on the same path as score(): (payload, status, headers)."""
+    try:
+        request = openai.parse(body)
+        job, dropped = submit(request.chat)
+        answer = _wait(job, client_gone)
+    except ServingError as exc:
+        return openai.error(exc), exc.status, dict(exc.headers)
+    return openai.completion(request, _model_name, answer.text, len(job.ids), answer.tokens), 200, _headers(dropped, answer)
 
 
 def _hung_up(request: Any) -> Callable[[], bool]:
@@ -167,21 +169,9 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
     the `output` of the final event (the same text the JSON answer has). A client that goes away ends the
     generator (GeneratorExit), which cancels the job: its batch slot is freed at the next step.
     """
-    tokens, sent = list(first), ""
     try:
-        while True:
-            text = _model.text(tokens)
-            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield _event(DELTA_EVENT, {"text": text[len(sent):]})
-                sent = text
-            if job.future.done() and job.stream.empty():
-                break
-            try:
-                tokens.append(job.stream.get(timeout=0.05))
-                while not job.stream.empty():
-                    tokens.append(job.stream.get_nowait())
-            except Empty:
-                continue
+        for piece in _deltas(job, first):
+            yield _event(DELTA_EVENT, {"text": piece})
         answer = job.future.result()
         yield _event(DONE_EVENT, {"output": answer.text, "truncated_turns": dropped, "batch_size": answer.batch_size,
                                   "tokens": answer.tokens})
@@ -189,6 +179,55 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
         yield _event(ERROR_EVENT, {"message": str(exc), "status": exc.status})
     finally:
         job.cancel()
+
+
+def _deltas(job: Job, first: list[int]) -> Iterator[str]:
+    """The answer's text in pieces as its tokens arrive; they add up to the answer's text. Raises the job's ServingError."""
+    tokens, sent = list(first), ""
+    while True:
+        text = _model.text(tokens)
+        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+            yield text[len(sent):]
+            sent = text
+        if job.future.done() and job.stream.empty():
+            break
+        try:
+            tokens.append(job.stream.get(timeout=0.05))
+            while not job.stream.empty():
+                tokens.append(job.stream.get_nowait())
+        except Empty:
+            continue
+    answer = job.future.result()
+    if answer.text.startswith(sent) and len(answer.text) > len(sent):
+        yield answer.text[len(sent):]
+
+
+def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[int]) -> Iterator[str]:
+    """OpenAI's stream of one answer: `chat.completion.chunk` events (the role, text pieces up to the first stop
+    sequence, the finish reason, usage when asked for), then `data: [DONE]`; a failure mid-stream is an error event.
+    A client that goes away ends the generator, which cancels the job (as stream_events does)."""
+    cid, model, created = openai.completion_id(), request.model or _model_name, int(time.time())
+    scanner = openai.StopScanner(request.stop)
+    try:
+        yield openai.chunk(cid, model, created, openai.Delta(role="assistant", content=""))
+        for piece in _deltas(job, first):
+            if text := scanner.feed(piece):
+                yield openai.chunk(cid, model, created, openai.Delta(content=text))
+            if scanner.hit:
+                job.cancel()  # the rest of the answer is not wanted
+                break
+        if text := scanner.flush():
+            yield openai.chunk(cid, model, created, openai.Delta(content=text))
+        tokens = job.future.result().tokens if job.future.done() and not scanner.hit else job.stream.qsize() + len(first)
+        tokens = max(tokens, len(first))
+        yield openai.chunk(cid, model, created, finish=openai.finish_reason(tokens, request.chat.params.max_new_tokens, scanner.hit))
+        if request.include_usage:
+            yield openai.chunk(cid, model, created, usage=openai.Usage(len(job.ids), tokens, len(job.ids) + tokens))
+    except ServingError as exc:
+        yield f"data: {json.dumps(openai.error(exc), ensure_ascii=False)}\n\n"
+    finally:
+        job.cancel()
+    yield openai.DONE_LINE
 
 
 def _first_tokens(job: Job) -> list[int]:
@@ -212,8 +251,9 @@ def _json(payload: dict, status: int, headers: dict[str, str] | None = None) -> 
 @rawhttp
 def run(request: Any) -> Any:
     """Entry point for each request (raw HTTP so errors keep their 4xx status; SSE when the client asks for it)."""
-    if not _authorized(request.headers.get("Authorization")):
-        return _json({"message": "missing or wrong key: send 'Authorization: Bearer <key>'"}, 401, {"WWW-Authenticate": "Bearer"})
+    if not authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key")):
+        return _json({"message": "missing or wrong key: send 'Authorization: Bearer <key>' or 'api-key: <key>'"}, 401,
+                     {"WWW-Authenticate": "Bearer"})
     if request.method != "POST":
         return _json({"message": "POST a JSON body to /score"}, 405, {"Allow": "POST"})
     if (request.content_length or 0) > MAX_BODY_BYTES:

@@ -50,7 +50,7 @@ def test_the_scoring_script_and_the_clients_share_the_key_variable():
     from phi3flow import connect
     from phi3flow.deploy import score
 
-    assert connect.KEY_ENV is contract.KEY_ENV and score.KEY_ENV is contract.KEY_ENV
+    assert connect.KEY_ENV is contract.KEY_ENV and score.endpoint_key is contract.endpoint_key
 
 
 def test_pf_tool_validate_accepts_the_tool_package(tmp_path: Path):
