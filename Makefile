@@ -1,11 +1,11 @@
-# make install | make demo | make test | make bench | make flow-wheel   (all idempotent; everything lives in .venv)
+# make install | make demo | make test | make test-fast | make bench | make flow-wheel   (all idempotent; everything lives in .venv)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTS_VENV ?= .venv-agents
 export PF_DISABLE_TRACING := true
 export APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED := true
 
-.PHONY: install install-agents install-browser demo test bench flow-wheel clean
+.PHONY: install install-agents install-browser demo lint test test-fast bench flow-wheel clean
 
 install: $(VENV)/.installed
 
@@ -38,12 +38,20 @@ install-browser:
 demo: install
 	$(VENV)/bin/phi3flow demo
 
-test: install install-agents
+lint: install install-agents
 	$(PY) -m ruff check .
 	$(VENV)/bin/basedpyright
 	$(VENV)/bin/basedpyright -p phi3agents --pythonpath $(AGENTS_VENV)/bin/python
+
+test: lint
 	$(PY) -m pytest
 	$(AGENTS_VENV)/bin/python -m pytest tests/test_agents.py tests/test_readme.py
+
+# The quick loop: lint, then the tests that load no model, start no browser and build no fresh environment.
+test-fast: install
+	$(PY) -m ruff check .
+	$(VENV)/bin/basedpyright
+	$(PY) -m pytest -m "not model and not e2e and not gpu" -q
 
 bench: install
 	$(PY) bench/serve.py

@@ -1,3 +1,3 @@
 """phi3flow: chat with, fine-tune, deploy and evaluate Phi-3 endpoints from Prompt Flow."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
