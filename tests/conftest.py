@@ -261,3 +261,71 @@ def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# --- LongRoPE: a Phi-3 with real weights whose rotary factors switch at position 64 (test_longrope, test_onnx) -----
+
+LONGROPE_ORIGINAL = 64  # original_max_position_embeddings of the LongRoPE fixture; its context is 4x that
+ROPE_SPELLINGS = ("hub", "transformers5")
+
+
+def build_longrope_phi3(out_dir: Path, rope_spelling: str = "hub") -> Path:
+    """The embedded model's weights in Phi-3's fused layout, with LongRoPE over 64 original positions stretched 4x.
+
+    Its answers are words (random weights repeat one token and hide rotary bugs). Short factors are all 1.0 and long
+    factors ramp from 1 to 4, so answers change once a sequence passes 64; LongRoPE's attention scaling
+    (sqrt(1 + ln 4 / ln 64), both factor sets) makes even short answers differ from the embedded model's, still in words. `rope_spelling` "hub" writes config.json as the published Phi-4-mini one
+    (`rope_scaling` with `type`); "transformers5" keeps what transformers 5 saves (`rope_parameters`, `rope_type` only).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from phi3flow.embedded import embedded_model_dir
+
+    if rope_spelling not in ROPE_SPELLINGS:
+        raise ValueError(f"rope_spelling must be one of {ROPE_SPELLINGS}, got {rope_spelling!r}")
+    source_dir = embedded_model_dir()
+    llama = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    src = llama.config
+    half = src.hidden_size // src.num_attention_heads // 2
+    rope = {"rope_type": "longrope", "rope_theta": src.rope_parameters["rope_theta"], "short_factor": [1.0] * half,
+            "long_factor": [1.0 + 3.0 * i / (half - 1) for i in range(half)]}
+    config = Phi3Config(vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
+                        num_hidden_layers=src.num_hidden_layers, num_attention_heads=src.num_attention_heads,
+                        num_key_value_heads=src.num_key_value_heads, rms_norm_eps=src.rms_norm_eps, hidden_act=src.hidden_act,
+                        tie_word_embeddings=src.tie_word_embeddings, max_position_embeddings=4 * LONGROPE_ORIGINAL,
+                        original_max_position_embeddings=LONGROPE_ORIGINAL, rope_parameters=rope,
+                        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id)
+    weights = {}
+    for name, tensor in llama.state_dict().items():
+        layer, _, leaf = name.rpartition(".self_attn.")
+        if leaf in ("k_proj.weight", "v_proj.weight") or name.endswith("mlp.up_proj.weight"):
+            continue  # fused below, into their q / gate sibling
+        if leaf == "q_proj.weight":
+            weights[f"{layer}.self_attn.qkv_proj.weight"] = torch.cat(
+                [tensor] + [llama.state_dict()[f"{layer}.self_attn.{p}_proj.weight"] for p in "kv"])
+        elif name.endswith("mlp.gate_proj.weight"):  # Phi3MLP chunks gate_up_proj's output as (gate, up)
+            weights[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
+                [tensor, llama.state_dict()[name.replace("gate_proj", "up_proj")]])
+        else:
+            weights[name] = tensor
+    model = Phi3ForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head is the embeddings
+    model.generation_config = llama.generation_config
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(out_dir)
+    if rope_spelling == "hub":
+        written = json.loads((out_dir / "config.json").read_text())
+        params = written.pop("rope_parameters")
+        written.update(rope_theta=params["rope_theta"], original_max_position_embeddings=LONGROPE_ORIGINAL,
+                       rope_scaling={"type": "longrope", "short_factor": params["short_factor"],
+                                     "long_factor": params["long_factor"]})
+        (out_dir / "config.json").write_text(json.dumps(written, indent=2))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def longrope_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LongRoPE Phi-3 with real weights (build_longrope_phi3), config.json spelled as the hub's."""
+    return build_longrope_phi3(tmp_path_factory.mktemp("longrope-phi3"))
