@@ -16,7 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from phi3serve.model import end_of_turn_id as template_end_of_turn
-from phi3serve.model import special_token_ids
+from phi3serve.model import render_chat, special_token_ids
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -62,7 +62,7 @@ def tokenize_conversation(
     prompt before it to the end-of-turn token after it, found by rendering the conversation up to that
     turn. Truncates to max_length tokens.
     """
-    text = _render(tokenizer, messages)
+    text, ids, offsets = render_chat(tokenizer, messages, generation_prompt=False)  # content's control-token text stays text
     end_text = tokenizer.convert_ids_to_tokens(end_of_turn)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -70,7 +70,7 @@ def tokenize_conversation(
             continue
         before = _render(tokenizer, messages[:i], prompt=True)
         upto = _render(tokenizer, messages[: i + 1])
-        end = upto.find(end_text, len(before))
+        end = upto.find(end_text, len(before) + len(message["content"].strip()))  # after any such text in the content
         end = len(upto.rstrip()) if end < 0 else end + len(end_text)
         if not upto.startswith(before) or not text.startswith(upto[:end]):
             raise ChatTemplateError(
@@ -78,11 +78,9 @@ def tokenize_conversation(
                 "assistant tokens cannot be located"
             )
         spans.append((len(before), end))
-    encoded = tokenizer(
-        text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length
-    )
+    ids, offsets = ids[:max_length], offsets[:max_length]
     labels = [
         token if any(start < stop and start < hi and stop > lo for lo, hi in spans) else IGNORE_INDEX
-        for token, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"])
+        for token, (start, stop) in zip(ids, offsets)
     ]
-    return {"input_ids": encoded["input_ids"], "labels": labels}
+    return {"input_ids": ids, "labels": labels}

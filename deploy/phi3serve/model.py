@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from bisect import bisect_left
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
 METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
 ONNX_CONFIG = "genai_config.json"  # an ONNX Runtime GenAI folder (`phi3flow export onnx`): served by phi3serve.onnx_engine
 _SENTINEL = "phi3flow-sentinel-answer"
+# Private-use characters that wrap control-token text found in a message while the template renders it
+_OPEN, _CLOSE = "\U000f0000", "\U000f0001"
 
 
 def find_model_folder(root: Path) -> Path:
@@ -83,6 +86,46 @@ def stop_ids(tokenizer: Any, recorded: str | None, eos: int | list[int] | None =
     if not stop:
         raise RuntimeError("the model has no end-of-turn or EOS token: generation could never stop")
     return stop
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """The chat template's text for `messages`, its token ids and each token's character span in that text.
+
+    Only the template's own markers become control tokens: control-token text inside a message's content (a user
+    writing `<|im_end|>` to forge a system turn) is tokenized as text. Each such occurrence is wrapped in private
+    markers before rendering, so it can be found in the rendered text; a tokenization without those markers is the
+    tokenizer's usual one, token for token. Serving (ChatModel) and training (finetune.chat) encode through here.
+    """
+    controls = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)}, key=len, reverse=True)
+    found = re.compile("|".join(map(re.escape, controls)) or "(?!)")
+    marked = [{**message, "content": found.sub(lambda m: f"{_OPEN}{m.group()}{_CLOSE}",
+                                                message["content"].replace(_OPEN, "").replace(_CLOSE, ""))}
+              for message in messages]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt)
+    pieces, spans, length, at = [], [], 0, 0  # the text without markers; the spans of the marked control tokens in it
+    for match in re.finditer(f"{_OPEN}({found.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]", rendered):  # a lone marker: dropped
+        kept = rendered[at:match.start()] + (match.group(1) or "")
+        pieces.append(kept)
+        if match.group(1):
+            spans.append((length + len(kept) - len(match.group(1)), length + len(kept)))
+        length += len(kept)
+        at = match.end()
+    text = "".join(pieces) + rendered[at:]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    if not spans:
+        return text, ids, offsets
+    special = special_token_ids(tokenizer)
+    out_ids, out_offsets = [], []
+    for token, (lo, hi) in zip(ids, offsets):
+        if token in special and any(lo < end and start < hi for start, end in spans):  # forged: its text, as text
+            plain = tokenizer(text[lo:hi], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+            out_ids += plain["input_ids"]
+            out_offsets += [(lo + a, lo + b) for a, b in plain["offset_mapping"]]
+        else:
+            out_ids.append(token)
+            out_offsets.append((lo, hi))
+    return text, out_ids, out_offsets
 
 
 class ChatModel:
@@ -150,18 +193,18 @@ class ChatModel:
             return ids_from(starts[0]), starts[0]
         first_fit = bisect_left(range(len(starts)), True, key=lambda k: len(ids_from(starts[k])) <= budget)
         if first_fit == len(starts):
-            raise BadRequest(
-                f"the last user turn needs more than {budget} tokens (context {self.context} minus max_new_tokens "
-                f"{max_new_tokens}); shorten it or lower parameters.max_new_tokens"
-            )
+            room = f"{budget} tokens (context {self.context} minus max_new_tokens {max_new_tokens})"
+            if system and len(self._render(turns[starts[-1]:])) <= budget:  # the last turn fits without the system prompt
+                raise BadRequest(f"the system prompt leaves no room for the last user turn within {room}; "
+                                 "shorten the system prompt or lower parameters.max_new_tokens")
+            raise BadRequest(f"the last user turn needs more than {room}; shorten it or lower parameters.max_new_tokens")
         return ids_from(starts[first_fit]), starts[first_fit]
 
     def _render(self, messages: list[dict[str, str]]) -> list[int]:
         try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return render_chat(self.tokenizer, messages, generation_prompt=True)[1]
         except Exception as exc:  # jinja errors: the template rejects this conversation shape
             raise BadRequest(f"input_data.input_string was rejected by the model's chat template: {str(exc)[:200]}") from None
-        return list(out["input_ids"])
 
     def text(self, tokens: list[int]) -> str:
         """The answer text of generated tokens (stop tokens and other special tokens left out)."""
