@@ -88,8 +88,13 @@ def read_jsonl(path: str | Path, max_reported: int = 20) -> list[Row]:
         raise DataError(f"{path}: no such file")
     rows: list[Row] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_from_jsonl_fills_schema_and_keeps_every_row(tmp_path: Path) -> None:
     assert (len(train), len(test)) == (7, 3)
     for row in train + test:
         assert_schema(row)
+
+
+def test_a_file_not_in_utf8_is_one_clear_line_and_a_bom_is_fine(tmp_path: Path) -> None:
+    source = tmp_path / "latin1.jsonl"
+    latin1 = json.dumps(GOOD).replace("Hi", "Caf\u00e9").encode("latin-1")
+    source.write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1)
+    done = subprocess.run([sys.executable, "-m", "phi3flow.cli", "data", "--from-jsonl", str(source), "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"phi3flow data: {source}: line 2 is not UTF-8 text (byte 0xe9 at column "
+                                                f"{latin1.index(0xE9) + 1}); save the file as UTF-8"]
+    with_bom = write_file(tmp_path / "bom.jsonl", [json.dumps(GOOD)])
+    with_bom.write_bytes(b"\xef\xbb\xbf" + with_bom.read_bytes())
+    assert len(data.read_jsonl(with_bom)) == 1
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
