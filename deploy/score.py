@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from queue import Empty
@@ -25,7 +26,8 @@ from werkzeug.exceptions import ClientDisconnected
 
 from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT,
                                 MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest,
-                                ServingError, Unavailable, authorized, endpoint_key, parse_request)
+                                ChatRequest, ServingError, Unavailable, authorized, endpoint_key, parse_request)
+from phi3serve import openai
 from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
 
@@ -42,13 +44,14 @@ WATCHDOG_S = 2.0
 _model: ChatModel | None = None
 _engine: Engine | None = None
 _key: bytes | None = None
+_model_name = "phi3flow"  # the id OpenAI clients see (GET /v1/models)
 _timeout_s: float = 90.0
 _max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
 
 
 def init() -> None:
     """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR, start the engine."""
-    global _model, _key, _engine, _timeout_s, _max_new_tokens
+    global _model, _key, _engine, _timeout_s, _max_new_tokens, _model_name
     _key = endpoint_key()
     model_dir = os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir:
@@ -56,11 +59,14 @@ def init() -> None:
     _timeout_s = float(_env_int(TIMEOUT_ENV, 90))
     _max_new_tokens = _env_int(MAX_NEW_TOKENS_ENV, _max_new_tokens)
     _model = ChatModel.load(model_dir)
+    _model_name = openai.served_name(model_dir)
     _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 16),
                          wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
     threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
     log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
              _model.context)
+    if add_openai_routes():
+        log.info("OpenAI routes: %s, %s (model id %r)", openai.CHAT_PATH, openai.MODELS_PATH, _model_name)
 
 
 def watchdog(engine: Engine, period_s: float = WATCHDOG_S) -> None:
@@ -128,10 +134,11 @@ def _wait(job: Job, client_gone: Callable[[], bool]) -> Answer:
                 raise ServingError(f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped", status=504) from None
 
 
-def chat_completion(body: bytes, client_gone: Callable[[], bool] = lambda: False) -> tuple[dict, int, dict[str, str]]:
+def chat_completion(body: bytes | openai.CompletionRequest, client_gone: Callable[[], bool] = lambda: False
+                    ) -> tuple[dict, int, dict[str, str]]:
     """OpenAI's Chat Completions without HTTP, on the same path as score(): (payload, status, headers)."""
     try:
-        request = openai.parse(body)
+        request = openai.parse(body) if isinstance(body, bytes) else body
         job, dropped = submit(request.chat)
         answer = _wait(job, client_gone)
     except ServingError as exc:
@@ -170,7 +177,7 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
     generator (GeneratorExit), which cancels the job: its batch slot is freed at the next step.
     """
     try:
-        for piece in _deltas(job, first):
+        for piece in _deltas(job, list(first)):
             yield _event(DELTA_EVENT, {"text": piece})
         answer = job.future.result()
         yield _event(DONE_EVENT, {"output": answer.text, "truncated_turns": dropped, "batch_size": answer.batch_size,
@@ -181,9 +188,10 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
         job.cancel()
 
 
-def _deltas(job: Job, first: list[int]) -> Iterator[str]:
-    """The answer's text in pieces as its tokens arrive; they add up to the answer's text. Raises the job's ServingError."""
-    tokens, sent = list(first), ""
+def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
+    """The answer's text in pieces as its tokens arrive (appended to `tokens`, which starts with the first ones); the
+    pieces add up to the answer's text. Raises the job's ServingError."""
+    sent = ""
     while True:
         text = _model.text(tokens)
         if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
@@ -207,10 +215,10 @@ def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[i
     sequence, the finish reason, usage when asked for), then `data: [DONE]`; a failure mid-stream is an error event.
     A client that goes away ends the generator, which cancels the job (as stream_events does)."""
     cid, model, created = openai.completion_id(), request.model or _model_name, int(time.time())
-    scanner = openai.StopScanner(request.stop)
+    scanner, tokens = openai.StopScanner(request.stop), list(first)
     try:
         yield openai.chunk(cid, model, created, openai.Delta(role="assistant", content=""))
-        for piece in _deltas(job, first):
+        for piece in _deltas(job, tokens):
             if text := scanner.feed(piece):
                 yield openai.chunk(cid, model, created, openai.Delta(content=text))
             if scanner.hit:
@@ -218,16 +226,16 @@ def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[i
                 break
         if text := scanner.flush():
             yield openai.chunk(cid, model, created, openai.Delta(content=text))
-        tokens = job.future.result().tokens if job.future.done() and not scanner.hit else job.stream.qsize() + len(first)
-        tokens = max(tokens, len(first))
-        yield openai.chunk(cid, model, created, finish=openai.finish_reason(tokens, request.chat.params.max_new_tokens, scanner.hit))
+        count = len(tokens) if scanner.hit else job.future.result().tokens
+        yield openai.chunk(cid, model, created, finish=openai.finish_reason(count, request.chat.params.max_new_tokens, scanner.hit))
         if request.include_usage:
-            yield openai.chunk(cid, model, created, usage=openai.Usage(len(job.ids), tokens, len(job.ids) + tokens))
+            yield openai.chunk(cid, model, created, usage=openai.Usage(len(job.ids), count, len(job.ids) + count))
+        yield openai.DONE_LINE
     except ServingError as exc:
         yield f"data: {json.dumps(openai.error(exc), ensure_ascii=False)}\n\n"
+        yield openai.DONE_LINE
     finally:
         job.cancel()
-    yield openai.DONE_LINE
 
 
 def _first_tokens(job: Job) -> list[int]:
@@ -248,21 +256,37 @@ def _json(payload: dict, status: int, headers: dict[str, str] | None = None) -> 
     return AMLResponse(payload, status, headers or {}, json_str=True)
 
 
+KEY_MESSAGE = "missing or wrong key: send 'Authorization: Bearer <key>' or 'api-key: <key>'"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _body(request: Any) -> bytes:
+    """The request body, read at most one byte past the limit whatever the framing (a chunked body has no
+    Content-Length); ServingError 413 when it is too large, 408 when it stopped arriving."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise ServingError(f"request body is over the {MAX_BODY_BYTES}-byte limit", status=413)
+    try:
+        return request.stream.read(MAX_BODY_BYTES + 1)
+    except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
+        raise ServingError("the request body did not arrive in time: send it whole", status=408) from None
+
+
 @rawhttp
 def run(request: Any) -> Any:
-    """Entry point for each request (raw HTTP so errors keep their 4xx status; SSE when the client asks for it)."""
+    """Entry point for each request (raw HTTP so errors keep their 4xx status; SSE when the client asks for it).
+
+    A Chat Completions body (`messages`, no `input_data`) is answered as OpenAI's API would: how an OpenAI body reaches
+    the deployment through its scoring URI when a client cannot use the /v1 routes."""
     if not authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key")):
-        return _json({"message": "missing or wrong key: send 'Authorization: Bearer <key>' or 'api-key: <key>'"}, 401,
-                     {"WWW-Authenticate": "Bearer"})
+        return _json({"message": KEY_MESSAGE}, 401, {"WWW-Authenticate": "Bearer"})
     if request.method != "POST":
         return _json({"message": "POST a JSON body to /score"}, 405, {"Allow": "POST"})
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        return _json({"message": f"request body is over the {MAX_BODY_BYTES}-byte limit"}, 413)
-    # Read at most one byte past the limit, whatever the framing (a chunked body has no Content-Length).
     try:
-        body = request.stream.read(MAX_BODY_BYTES + 1)
-    except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
-        return _json({"message": "the request body did not arrive in time: send it whole"}, 408)
+        body = _body(request)
+    except ServingError as exc:
+        return _json({"message": str(exc)}, exc.status)
+    if openai.is_chat_body(body):
+        return _openai_answer(request, body)
     if STREAM_MEDIA_TYPE not in (request.headers.get("Accept") or ""):
         return _json(*score(body, _hung_up(request)))
     try:
@@ -270,5 +294,62 @@ def run(request: Any) -> Any:
         first = _first_tokens(job)
     except ServingError as exc:
         return _json({"message": str(exc)}, exc.status, dict(exc.headers))
-    headers = {**_headers(dropped), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_events(job, dropped, first), status=200, mimetype=STREAM_MEDIA_TYPE, headers=headers)
+    return Response(stream_events(job, dropped, first), status=200, mimetype=STREAM_MEDIA_TYPE,
+                    headers={**_headers(dropped), **STREAM_HEADERS})
+
+
+def _openai_answer(request: Any, body: bytes) -> Any:
+    """A Chat Completions request answered whole (`chat.completion`) or streamed (`chat.completion.chunk` events)."""
+    try:
+        parsed = openai.parse(body)
+        if not parsed.stream:
+            return _json(*chat_completion(parsed, _hung_up(request)))
+        job, dropped = submit(parsed.chat, stream=True)
+        first = _first_tokens(job)
+    except ServingError as exc:
+        return _json(openai.error(exc), exc.status, dict(exc.headers))
+    return Response(completion_chunks(parsed, job, first), status=200, mimetype=STREAM_MEDIA_TYPE,
+                    headers={**_headers(dropped), **STREAM_HEADERS})
+
+
+def _openai_view(handle: Callable[[Any], Any]) -> Callable[[], Any]:
+    """A Flask view for an OpenAI route: the key checked first, errors in OpenAI's shape."""
+
+    def view() -> Any:
+        from flask import request
+
+        if not authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key")):
+            return _json(openai.error_body(KEY_MESSAGE, 401), 401, {"WWW-Authenticate": "Bearer"})
+        return handle(request)
+
+    view.__name__ = f"openai_{handle.__name__.strip('_')}"
+    return view
+
+
+def _chat_route(request: Any) -> Any:
+    if request.method != "POST":
+        return _json(openai.error_body(f"POST a JSON body to {openai.CHAT_PATH}", 405), 405, {"Allow": "POST"})
+    try:
+        body = _body(request)
+    except ServingError as exc:
+        return _json(openai.error(exc), exc.status)
+    return _openai_answer(request, body)
+
+
+def _models_route(request: Any) -> Any:
+    return _json(openai.models(_model_name), 200)
+
+
+def add_openai_routes() -> bool:
+    """Serve /v1/chat/completions and /v1/models beside azmlinfsrv's own routes (`/`, `/score`, `/swagger.json`).
+
+    azmlinfsrv 1.4.1 calls init() while it registers its blueprint with the Flask app, before the registration is
+    done: rules added to the blueprint then are served like its own. False when not under azmlinfsrv (tests that
+    call init() directly) or when that blueprint is already registered (another azmlinfsrv version)."""
+    routes = sys.modules.get("azureml_inference_server_http.server.routes")
+    blueprint = getattr(routes, "main_blueprint", None)
+    if blueprint is None or blueprint._got_registered_once:
+        return False
+    blueprint.add_url_rule(openai.CHAT_PATH, view_func=_openai_view(_chat_route), methods=["GET", "POST"])
+    blueprint.add_url_rule(openai.MODELS_PATH, view_func=_openai_view(_models_route), methods=["GET"])
+    return True
