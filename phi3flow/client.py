@@ -8,6 +8,10 @@ Errors say what to do next, and never contain the key.
 
 `chat_stream` asks for server-sent events (wire format: `phi3serve.contract`) and yields text pieces as they
 come; retries apply only until the stream starts, and any later failure raises `EndpointError` (never a silent cut).
+
+Two dialects, one client: the AzureML contract (`{"input_data": ...}` -> `{"output": ...}`), and OpenAI's Chat
+Completions for any OpenAI-compatible endpoint (Foundry Models, Foundry Local, vLLM, `phi3flow serve`'s /v1). With
+`api_format="auto"` an endpoint whose URL path ends in /v1 speaks OpenAI's; the same retries, errors and key handling.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 import urllib3
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from phi3serve.contract import DELTA_EVENT, DONE_EVENT, ERROR_EVENT, STREAM_MEDIA_TYPE
@@ -37,6 +41,11 @@ from phi3serve.contract import DELTA_EVENT, DONE_EVENT, ERROR_EVENT, STREAM_MEDI
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+API_FORMATS = ("auto", "azureml", "openai")
+CHAT_COMPLETIONS = "/chat/completions"
+# Contract parameter -> OpenAI field. `repetition_penalty` passes as it is (vLLM and phi3flow serve take it).
+OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
+                 "repetition_penalty": "repetition_penalty"}
 MODEL_ERROR_HEADER = "ms-azureml-model-error-reason"
 
 
@@ -69,6 +78,8 @@ class EndpointClient:
         backoff_factor: float = 0.5,
         max_backoff: float = 20.0,
         pool_size: int = 32,
+        api_format: str = "auto",
+        model: str | None = None,
     ):
         parts = urlsplit(endpoint or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -79,10 +90,19 @@ class EndpointClient:
             raise EndpointError("the endpoint key is empty: set the connection's secrets.key to the endpoint's primary key")
         if not key.isascii() or not key.isprintable():
             raise EndpointError("the endpoint key contains non-ASCII or control characters: copy it again from the endpoint's Consume tab")
+        if api_format not in API_FORMATS:
+            raise EndpointError(f"api_format must be one of {', '.join(API_FORMATS)}, got {api_format!r}")
+        self.openai = api_format == "openai" or (api_format == "auto" and parts.path.rstrip("/").endswith("/v1"))
+        self.model = model
         self.endpoint = endpoint
+        # OpenAI's dialect: <base>/v1 + /chat/completions; a full route (/chat/completions, or a deployment's /score) as it is
+        self.url = (endpoint.rstrip("/") + CHAT_COMPLETIONS
+                    if self.openai and not parts.path.rstrip("/").endswith((CHAT_COMPLETIONS, "/score")) else endpoint)
         self.timeout = (connect_timeout, read_timeout)
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {key.strip()}", "Content-Type": "application/json"})
+        if self.openai:  # Azure OpenAI and Foundry resources read their key from api-key
+            self.session.headers["api-key"] = key.strip()
         retry = _CappedRetry(
             total=retries,
             connect=retries,
@@ -119,6 +139,9 @@ class EndpointClient:
             if response.status_code != 200 or _media_type(response) != STREAM_MEDIA_TYPE:
                 yield self._answer(response)
                 return
+            if self.openai:
+                yield from self._openai_pieces(response)
+                return
             sent = ""
             try:
                 events = parse_sse(_arrivals(response))
@@ -146,12 +169,60 @@ class EndpointClient:
 
     def _post(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool = False) -> requests.Response:
         """One POST of the contract's body, retried by the session's policy until an answer (or its head) arrives."""
-        body = {"input_data": {"input_string": messages, "parameters": {k: v for k, v in parameters.items() if v is not None}}}
+        given = {k: v for k, v in parameters.items() if v is not None}
+        if self.openai:
+            body = self._openai_body(messages, given, stream)
+        else:
+            body = {"input_data": {"input_string": messages, "parameters": given}}
         headers = {"Accept": STREAM_MEDIA_TYPE} if stream else None
         try:
-            return self.session.post(self.endpoint, json=body, headers=headers, timeout=self.timeout, stream=stream)
+            return self.session.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=stream)
         except requests.exceptions.RequestException as exc:
             raise self._transport_error(exc) from None
+
+    def _openai_body(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool) -> dict[str, Any]:
+        """A Chat Completions body: the contract's parameters under OpenAI's names (do_sample=False is temperature 0)."""
+        if parameters.pop("do_sample", True) is False:
+            parameters["temperature"] = 0.0
+        unknown = sorted(set(parameters) - set(OPENAI_FIELDS))
+        if unknown:
+            raise EndpointError(f"parameter(s) {', '.join(unknown)} have no Chat Completions equivalent; "
+                                f"it takes {', '.join(OPENAI_FIELDS)}")
+        body = {"messages": messages, **{OPENAI_FIELDS[k]: v for k, v in parameters.items()}}
+        if self.model:
+            body["model"] = self.model
+        if stream:
+            body["stream"] = True
+        return body
+
+    def _openai_pieces(self, response: requests.Response) -> Iterator[str]:
+        """The text pieces of a `chat.completion.chunk` stream, which must end in `data: [DONE]`."""
+        sent = ""
+        try:
+            for event in parse_sse(_arrivals(response)):
+                if event.data.strip() == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(event.data)
+                except ValueError:
+                    chunk = None
+                if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
+                    message = str(chunk["error"].get("message"))[:300]
+                    raise EndpointError(f"the endpoint failed after streaming {len(sent)} characters: {message}; the answer is incomplete")
+                choices = chunk.get("choices") if isinstance(chunk, dict) else None
+                if not isinstance(choices, list):
+                    raise EndpointError(f"{self.url} streamed an event that is not a chat.completion.chunk after {len(sent)} "
+                                        "characters: is this an OpenAI-compatible endpoint?")
+                for choice in choices:
+                    piece = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                    if isinstance(piece, str) and piece:
+                        sent += piece
+                        yield piece
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise EndpointError(f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
+                                "the answer is incomplete; ask again") from None
+        raise EndpointError(f"the stream from {self._host()} ended after {len(sent)} characters without 'data: [DONE]': "
+                            "the answer is incomplete; ask again")
 
     def _event_field(self, event: "ServerSentEvent", name: str, sent: str) -> str:
         """The string field `name` of an event's JSON data, or EndpointError saying the stream is malformed."""
@@ -198,6 +269,11 @@ class EndpointClient:
             )
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return EndpointError(f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network")
+        cause = reason or (exc.args[0] if exc.args else None)
+        if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(cause, NewConnectionError):
+            # connected, so the request was sent: the server closed the connection before its answer
+            return EndpointError(f"{self._host()} took the request but closed the connection without an answer: "
+                                 "the server may be restarting or shutting down; ask again")
         return EndpointError(f"cannot reach {self._host()} ({_reason(exc)}): is the endpoint running and the URL right?")
 
     def _host(self) -> str:
@@ -211,6 +287,8 @@ class EndpointClient:
                 payload = response.json()
             except ValueError:
                 raise EndpointError(f"{self.endpoint} answered 200 with a body that is not JSON: is this the scoring URL?", status) from None
+            if self.openai:
+                return self._completion_text(payload)
             if not isinstance(payload, dict) or not isinstance(payload.get("output"), str):
                 got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
                 raise EndpointError(
@@ -222,6 +300,9 @@ class EndpointClient:
         detail = _detail(response)
         if status in (401, 403):
             message = f"the endpoint refused the key (HTTP {status}): check the connection's key (secrets.key) for {self.endpoint}"
+        elif status == 404 and self.openai:
+            message = (f"no chat completions route at {self.url} (HTTP 404): check the URL; OpenAI-compatible endpoints "
+                       "are given by their base URL, ending in /v1")
         elif status == 404:
             message = f"no scoring route at {self.endpoint} (HTTP 404): check the URL; AzureML endpoints end in /score"
         elif status == 408:
@@ -237,6 +318,18 @@ class EndpointClient:
         else:
             message = f"the endpoint failed (HTTP {status})"
         raise EndpointError(f"{message}{': ' + detail if detail else ''}", status)
+
+
+    def _completion_text(self, payload: Any) -> str:
+        """The answer of a `chat.completion`: its first choice's message content."""
+        try:
+            content = payload["choices"][0]["message"]["content"]
+        except (TypeError, KeyError, IndexError):
+            content = None
+        if not isinstance(content, str):
+            raise EndpointError(f"{self.url} answered without choices[0].message.content: is this an OpenAI-compatible "
+                                "chat completions endpoint?", 200)
+        return content
 
 
 @dataclass(frozen=True)
@@ -304,6 +397,8 @@ def _detail(response: requests.Response) -> str:
     except ValueError:
         return response.text.strip()[:300]
     if isinstance(payload, dict):
+        if isinstance(payload.get("error"), dict) and isinstance(payload["error"].get("message"), str):  # OpenAI's shape
+            return payload["error"]["message"][:300]
         for field in ("message", "error", "detail"):
             if isinstance(payload.get(field), str):
                 return payload[field][:300]

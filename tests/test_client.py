@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -94,6 +95,26 @@ def test_unreachable_host_names_host_and_port():
         unreachable = EndpointClient(f"http://127.0.0.1:{port}/score", SECRET, retries=1, backoff_factor=0.01)
         with pytest.raises(EndpointError, match=f"cannot reach 127.0.0.1:{port} \\(connection refused\\)"):
             unreachable.chat(USER)
+
+
+def test_a_server_that_took_the_request_and_closed_is_not_called_unreachable():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def read_then_close() -> None:
+            for _ in range(2):  # the request, and its one retry
+                conn, _ = server.accept()
+                conn.recv(65536)
+                conn.close()
+
+        threading.Thread(target=read_then_close, daemon=True).start()
+        port = server.getsockname()[1]
+        closing = EndpointClient(f"http://127.0.0.1:{port}/score", SECRET, retries=1, backoff_factor=0.01)
+        with pytest.raises(EndpointError, match=f"127.0.0.1:{port} took the request but closed the connection without an "
+                                                "answer: the server may be restarting or shutting down") as info:
+            closing.chat(USER)
+        assert "cannot reach" not in str(info.value)
 
 
 @pytest.mark.parametrize(("body", "expected"), [({"result": "x"}, "without a string \"output\""), ("<html>", "not JSON")])
