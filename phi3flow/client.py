@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,8 @@ import urllib3
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from phi3serve.contract import DELTA_EVENT, DONE_EVENT, ERROR_EVENT, STREAM_MEDIA_TYPE
+from phi3serve.contract import (BATCH_INVARIANT_HEADER, DEFAULTS, DELTA_EVENT, DONE_EVENT, ERROR_EVENT, GREEDY_BELOW,
+                                STREAM_MEDIA_TYPE)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ class _CappedRetry(Retry):
 
     def parse_retry_after(self, retry_after: str) -> float:
         return min(super().parse_retry_after(retry_after), self.backoff_max)
+
+
+class BatchDependentAnswers(UserWarning):
+    """The endpoint's greedy answers can change with the requests decoded beside them (bf16 batches, for one)."""
 
 
 class EndpointClient:
@@ -94,6 +100,7 @@ class EndpointClient:
             raise EndpointError(f"api_format must be one of {', '.join(API_FORMATS)}, got {api_format!r}")
         self.openai = api_format == "openai" or (api_format == "auto" and parts.path.rstrip("/").endswith("/v1"))
         self.model = model
+        self.warned_batching = False  # said once per client that greedy answers depend on the batch
         self.endpoint = endpoint
         # OpenAI's dialect: <base>/v1 + /chat/completions; a full route (/chat/completions, or a deployment's /score) as it is
         self.url = (endpoint.rstrip("/") + CHAT_COMPLETIONS
@@ -170,15 +177,25 @@ class EndpointClient:
     def _post(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool = False) -> requests.Response:
         """One POST of the contract's body, retried by the session's policy until an answer (or its head) arrives."""
         given = {k: v for k, v in parameters.items() if v is not None}
+        temperature = given.get("temperature", DEFAULTS.temperature)
+        greedy = given.get("do_sample") is False or (isinstance(temperature, (int, float)) and temperature < GREEDY_BELOW)
         if self.openai:
             body = self._openai_body(messages, given, stream)
         else:
             body = {"input_data": {"input_string": messages, "parameters": given}}
         headers = {"Accept": STREAM_MEDIA_TYPE} if stream else None
         try:
-            return self.session.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=stream)
+            response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=stream)
         except requests.exceptions.RequestException as exc:
             raise self._transport_error(exc) from None
+        if greedy and not self.warned_batching and response.headers.get(BATCH_INVARIANT_HEADER, "").lower() == "false":
+            self.warned_batching = True
+            # a warning, not a log record: Prompt Flow shows a tool's warnings in `pf run` output and logs, not its logging
+            warnings.warn(f"{self._host()} does not guarantee greedy answers independent of the requests decoded beside "
+                          f"them ({BATCH_INVARIANT_HEADER}: false): the same question can get another answer run to run "
+                          "(pf run's concurrency, other traffic); serve with PHI3FLOW_DTYPE=float32 on a CPU for "
+                          "reproducible runs", BatchDependentAnswers, stacklevel=2)
+        return response
 
     def _openai_body(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool) -> dict[str, Any]:
         """A Chat Completions body: the contract's parameters under OpenAI's names (do_sample=False is temperature 0)."""

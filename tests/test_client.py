@@ -6,12 +6,13 @@ import logging
 import socket
 import threading
 import time
+import warnings
 
 import pytest
 from promptflow.connections import CustomConnection
 
 from conftest import SECRET, Reply
-from phi3flow.client import EndpointClient, EndpointError, to_messages
+from phi3flow.client import BatchDependentAnswers, EndpointClient, EndpointError, to_messages
 from phi3flow.tools.chat_endpoint import chat
 
 USER = [{"role": "user", "content": "Who founded Microsoft?"}]
@@ -166,6 +167,24 @@ def test_tool_calls_endpoint_through_custom_connection(endpoint):
     body = endpoint.requests[0]["body"]["input_data"]
     assert [turn["role"] for turn in body["input_string"]] == ["user", "assistant", "user"]
     assert body["parameters"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16}
+
+
+def test_the_tool_warns_once_when_greedy_answers_depend_on_the_batch(endpoint):
+    """`pf run` on a bf16 server gives other greedy answers run to run: the tool says so (once), as `phi3flow eval` does.
+    A Python warning, which Prompt Flow shows in a run's output and logs (it drops a tool's log records)."""
+    endpoint.script = [Reply(body={"output": "1975."}, headers={"x-phi3flow-batch-invariant": "false"})]
+    connection = CustomConnection(configs={"endpoint": endpoint.url}, secrets={"key": SECRET})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat(connection, "In which year?", temperature=0.7)  # sampled: differing answers are expected
+        assert not caught
+        for _ in range(3):
+            chat(connection, "In which year?", temperature=0.0)
+        assert [w.category for w in caught] == [BatchDependentAnswers]
+        assert "x-phi3flow-batch-invariant: false" in str(caught[0].message) and "PHI3FLOW_DTYPE=float32" in str(caught[0].message)
+        endpoint.script = [Reply(body={"output": "1975."}, headers={"x-phi3flow-batch-invariant": "true"})]
+        chat(CustomConnection(configs={"endpoint": endpoint.url}, secrets={"key": "another-key"}), "Year?", temperature=0.0)
+        assert len(caught) == 1
 
 
 def test_tool_names_missing_connection_fields():
