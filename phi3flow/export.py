@@ -67,6 +67,29 @@ def _merged_copy(adapter_dir: Path, staging: Path) -> "ChatModel":
     return chat
 
 
+def _builder_folder(folder: Path, staging: Path) -> Path:
+    """`folder`, or a copy of it (links to its files) whose config.json spells LongRoPE the way the builder reads it.
+
+    onnxruntime-genai 0.18's Phi-3 builder reads `config.rope_parameters["type"]` (the hub's `rope_scaling.type`,
+    which transformers keeps); transformers 5 writes `rope_parameters` with `rope_type` only, for a model it saved
+    itself (a merged adapter, a model built in code), and the builder fails with KeyError: 'type'.
+    """
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    spelled = [key for key in ("rope_parameters", "rope_scaling")
+               if isinstance(config.get(key), dict) and config[key].get("rope_type") == "longrope" and "type" not in config[key]]
+    if not spelled:
+        return folder
+    for key in spelled:
+        config[key] = {**config[key], "type": "longrope"}
+    if folder != staging:
+        staging.mkdir(exist_ok=True)
+        for entry in folder.iterdir():
+            if entry.name != "config.json":
+                (staging / entry.name).symlink_to(entry.resolve())
+    (staging / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return staging
+
+
 def _run_builder(source: Path, output: Path, precision: str, target: str, block_size: int, log_path: Path, layers: int) -> None:
     """Run the model builder in a child process, its chatter in a log file, one progress bar on stderr."""
     from tqdm import tqdm
@@ -170,7 +193,9 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = 
 
             if not (source / "config.json").is_file():
                 raise ExportError(f"{source} has no config.json: export a Hugging Face model folder or a LoRA adapter")
-            stop, builder_input = stop_ids(AutoTokenizer.from_pretrained(source), metadata.get("end_of_turn_token")), source
+            stop = stop_ids(AutoTokenizer.from_pretrained(source), metadata.get("end_of_turn_token"))
+            builder_input = source
+        builder_input = _builder_folder(builder_input, Path(staging))
         layers = int(json.loads((builder_input / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers", 0))
         _run_builder(builder_input, output, precision, target, block_size, output / "export.log", layers)
     shutil.rmtree(output / ".cache", ignore_errors=True)

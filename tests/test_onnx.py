@@ -256,3 +256,149 @@ def test_unsupported_architectures_and_combinations_get_a_clear_error(embedded_d
     assert "No model found" in capsys.readouterr().err
     with pytest.raises(ExportError, match="block size one of 16, 32, 64, 128, 256"):
         export_onnx(embedded_dir, tmp_path / "o4", block_size=48)
+
+
+
+# --- LongRoPE (issue 22): the exported Phi-3 switches rotary factors past 64 positions, as generate() does ----------
+
+LONG_STORY = "Write a short story about a fox who lives in the Arctic and loves the snow."  # 47 prompt tokens
+
+
+def fp32(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def reference(hf, ids: list[int], max_new_tokens: int, stop: list[int]) -> list[int]:
+    """model.generate()'s greedy answer up to the first stop token (the mask given: this model's pad token is its
+    end-of-turn token, which generate() would otherwise mask inside the prompt)."""
+    import torch
+
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
+    return next((out[:i] for i, token in enumerate(out) if token in stop), out)
+
+
+def ask(engine: OnnxEngine, *requests: tuple[list[int], int]) -> list:
+    """Answers of (prompt ids, max_new_tokens) greedy requests submitted together."""
+    jobs = [Job(ids, score.parse_request(body(user("x"), max_new_tokens=n)).params) for ids, n in requests]
+    for job in jobs:
+        engine.submit(job)
+    answers = [job.future.result(timeout=300) for job in jobs]
+    while engine.running:  # the worker keeps a lone request's Generator once its batch is over
+        time.sleep(0.01)
+    return answers
+
+
+def unfixed(model: OnnxChatModel, ids: list[int], max_new_tokens: int) -> str:
+    """The library's own greedy decode (factors switched at the crossing, cache kept): what the engine answered before."""
+    import numpy as np
+
+    library = og.Model(og.Config(str(model.folder)))
+    params = og.GeneratorParams(library)
+    params.set_search_options(batch_size=1, max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(library, params)
+    generator.append_tokens(np.asarray([ids], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    answer = generator.get_sequence(0)[len(ids):].tolist()
+    return model.text(next((answer[:i] for i, token in enumerate(answer) if token in model.stop_ids), answer))
+
+
+def crossing_answer_is_generates(hf, onnx_dir) -> str:
+    """A greedy request whose answer crosses position 64 gets generate()'s answer from the exported model: its text."""
+    model = ChatModel.load(onnx_dir)
+    assert model.rope_switch == 64
+    engine = OnnxEngine(model, max_batch=2, max_queue=2)
+    try:
+        ids, _ = model.encode(user(LONG_STORY), 48)
+        answer = ask(engine, (ids, 48))[0]
+    finally:
+        engine.close()
+    expected = reference(hf, ids, 48, model.stop_ids)
+    assert len(ids) + len(expected) > 70  # well past the switch
+    assert (answer.text, answer.tokens) == (model.text(expected), len(expected))
+    return answer.text
+
+
+@pytest.fixture(scope="module")
+def longrope_onnx(longrope_model_dir, tmp_path_factory):
+    """The LongRoPE fixture (hub spelling) exported in fp32, an engine serving it and the fp32 transformers model."""
+    model = ChatModel.load(export_onnx(longrope_model_dir, tmp_path_factory.mktemp("longrope-onnx") / "fp32", precision="fp32"))
+    engine = OnnxEngine(model, max_batch=8, max_queue=8, wait_s=0.2)
+    yield model, engine, fp32(longrope_model_dir)
+    engine.close()
+
+
+def test_longrope_crossing_answers_like_generate_alone_and_in_a_mixed_batch(longrope_onnx):
+    model, engine, hf = longrope_onnx
+    assert model.rope_switch == 64 and model.context == 256
+    crossing, _ = model.encode(user(LONG_STORY), 48)
+    short = [model.encode(user(q), 8)[0] for q in ("What is the capital of France?", "Name a color.")]
+    long = [model.encode(user(LONG_STORY + " " + extra), 16)[0] for extra in
+            ("Make the fox brave and kind, and give her a friend who is a snowy owl.",
+             "Let the story end with the first day of spring, when the ice begins to melt.")]
+    assert len(crossing) < 64 < len(crossing) + 48 and all(len(ids) + 8 <= 64 for ids in short)
+    assert all(len(ids) > 64 for ids in long)
+    requests = [(crossing, 48), *((ids, 8) for ids in short), *((ids, 16) for ids in long)]
+    expected = [model.text(reference(hf, ids, n, model.stop_ids)) for ids, n in requests]
+    assert unfixed(model, crossing, 48) != expected[0]  # the prompt shows the defect: keeping the cache changes the answer
+    alone = [ask(engine, request)[0] for request in requests]
+    engine.kept = None
+    together = ask(engine, *requests)
+    assert [answer.text for answer in alone] == [answer.text for answer in together] == expected
+    # the crossing request runs alone; short rows batch together, and so do rows long from their prompts
+    assert [answer.batch_size for answer in together] == [1, 2, 2, 2, 2]
+
+
+def test_longrope_prompt_cache_never_mixes_factor_sets(longrope_onnx):
+    """A lone request reuses the previous one's cache only when both use the same factors: short keys are not reused
+    for a prompt past the switch, nor long keys (recomputed at a crossing) for a short prompt."""
+    model, engine, hf = longrope_onnx
+    story, _ = model.encode(user(LONG_STORY), 48)
+    turns = user(LONG_STORY) + [{"role": "assistant", "content": "Once upon a time a fox lived in the snow."},
+                                {"role": "user", "content": "Tell me more about her family."}]
+    follow_up, _ = model.encode(turns, 8)
+    assert len(story) + 8 <= 64 < len(follow_up) and follow_up[:len(story) - 2] == story[:-2]
+    engine.kept = None
+    # (prompt, max_new_tokens, whether the previous request's Generator may serve it)
+    for ids, n, reuse in ((story, 8, False), (follow_up, 8, False), (story, 48, False), (story, 8, False), (story, 8, True)):
+        before = engine.kept[0] if engine.kept else None
+        assert ask(engine, (ids, n))[0].text == model.text(reference(hf, ids, n, model.stop_ids)), (len(ids), n)
+        assert (engine.kept[0] is before) == reuse, (len(ids), n)
+
+
+def test_longrope_exports_from_the_transformers5_spelling(tmp_path):
+    """transformers 5 saves `rope_parameters` with `rope_type` only; onnxruntime-genai 0.18's builder reads `type`."""
+    from conftest import build_longrope_phi3
+
+    source = build_longrope_phi3(tmp_path / "hf", rope_spelling="transformers5")
+    config = json.loads((source / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "longrope" and "type" not in config["rope_parameters"]
+    assert "rope_scaling" not in config
+    out = export_onnx(source, tmp_path / "onnx", precision="fp32")
+    assert json.loads((source / "config.json").read_text()) == config  # the source folder is left as it was
+    crossing_answer_is_generates(fp32(source), out)
+
+
+def test_longrope_adapter_is_merged_then_exported(longrope_model_dir, tmp_path, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    adapted = get_peft_model(fp32(longrope_model_dir),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(longrope_model_dir)}))
+    AutoTokenizer.from_pretrained(longrope_model_dir).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setenv("PHI3FLOW_DTYPE", "float32")  # merged and compared in fp32, as exported
+    out = export_onnx(tmp_path / "adapter", tmp_path / "onnx", precision="fp32")
+    answer = crossing_answer_is_generates(ChatModel.load(tmp_path / "adapter").model, out)
+    model = ChatModel.load(out)
+    ids, _ = model.encode(user(LONG_STORY), 48)
+    assert answer != model.text(reference(fp32(longrope_model_dir), ids, 48, model.stop_ids))  # the adapter's answer, not the base's

@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import mmap
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,6 +31,19 @@ from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped, read
 log = logging.getLogger("azmlinfsrv.score")
 KEEP_ROOM = 256  # spare tokens in a single row's cache, for a next request that shares its prefix
 INSTALL_HINT = "pip install onnxruntime-genai (or 'phi3flow[onnx]'); onnxruntime-genai-cuda for a model built for CUDA"
+# The builder's LongRoPE graph (0.18): `If attention_mask width > /model/constants/INT64/<original>` picks the long cos/sin caches
+ROPE_SWITCH = re.compile(rb"/model/constants/INT64/(\d+)\x12./model/rope_caches_subgraph/Greater/output_0", re.DOTALL)
+
+
+def rope_switch(graph: Path) -> int | None:
+    """The length past which a LongRoPE graph rotates with long factors (original_max_position_embeddings); None
+    for a model with one set of factors. Read from the graph's own If, the rule the library runs by."""
+    with graph.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        found = ROPE_SWITCH.search(data)
+        if found is None and data.find(b"cos_cache_large") >= 0:
+            raise RuntimeError(f"{graph} switches LongRoPE factors by a rule this engine cannot read: re-export it "
+                               "with phi3flow export onnx (onnxruntime-genai 0.18's builder)")
+        return int(found[1]) if found else None
 
 
 class OnnxChatModel(ChatModel):
@@ -44,6 +59,11 @@ class OnnxChatModel(ChatModel):
         providers = json.dumps(config["model"]["decoder"].get("session_options", {}).get("provider_options", []))
         self.device = torch.device("cuda" if "cuda" in providers else "cpu")
         self.dtype = "onnx-" + metadata.get("onnx", {}).get("precision", "unknown")  # what `phi3flow export` built
+        self.rope_switch = rope_switch(folder / config["model"]["decoder"]["filename"])
+
+    def long_factors(self, length: int) -> bool:
+        """Whether a sequence of `length` tokens rotates with LongRoPE's long factors (generate()'s rule and the graph's)."""
+        return self.rope_switch is not None and length > self.rope_switch
 
     @classmethod
     def load(cls, folder: Path) -> "OnnxChatModel":
@@ -67,6 +87,13 @@ class OnnxEngine(Bounded):
     ends at a stop token, its max_new_tokens or its deadline; the batch ends when its last row does, and jobs
     arriving meanwhile wait for the next one (the library's Generator takes no new rows mid-batch). A request
     that runs alone starts from the previous lone request's cache where their prompts agree (`_prefill`).
+
+    LongRoPE (Phi-3.5-mini, Phi-4-mini): the graph rotates a whole batch with long factors once the batch is wider
+    than original_max_position_embeddings, and switches without recomputing the cache. generate() decides per
+    sequence and recomputes its cache once, when the sequence first passes the original context. So rows share a
+    batch only when all of them stay short to the batch's end or all are long from their prompts (`_fits`); a
+    request that crosses runs alone and, at the crossing, its Generator is rewound to nothing and rerun on the
+    prompt and answer so far (one prefill), as generate() does.
     """
 
     # Checked, and tested (tests/test_onnx.py): a greedy row's logits are bit-identical alone and in a batch of
@@ -79,7 +106,8 @@ class OnnxEngine(Bounded):
         self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
         self.stop = torch.tensor(model.stop_ids)
         self.running: list[Job] = []  # the jobs taken from the queue, being decoded
-        self.kept: tuple[Any, list[int], int] | None = None  # the last single-row Generator, its prompt, its length
+        # the last single-row Generator, its prompt, its length, and whether its cache holds long-factor keys (LongRoPE)
+        self.kept: tuple[Any, list[int], int, bool] | None = None
         ready: dict[str, Any] = {}
         started = threading.Event()
         self.start_worker(lambda: self._work(ready, started), "phi3flow-onnx")
@@ -120,7 +148,8 @@ class OnnxEngine(Bounded):
 
     def _groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Batches the library can run: rows share one length budget (longest prompt + most new tokens), which
-        must fit the context, and a prompt ending in the pad token would lose it to padding, so it runs alone."""
+        must fit the context, a prompt ending in the pad token would lose it to padding, so it runs alone, and rows
+        of a LongRoPE model share one set of rotary factors for the batch's whole run."""
         groups: list[list[Job]] = []
         for job in jobs:
             group = next((group for group in groups if self._fits(group + [job])), None)
@@ -131,8 +160,9 @@ class OnnxEngine(Bounded):
         return groups
 
     def _fits(self, rows: list[Job]) -> bool:
-        unpadded = len(rows) == 1 or all(job.ids[-1] != self.model.pad_id for job in rows)
-        return unpadded and max(len(job.ids) for job in rows) + max(job.params.max_new_tokens for job in rows) <= self.model.context
+        length = max(len(job.ids) for job in rows) + max(job.params.max_new_tokens for job in rows)
+        one_factor_set = not self.model.long_factors(length) or all(self.model.long_factors(len(job.ids)) for job in rows)
+        return all(job.ids[-1] != self.model.pad_id for job in rows) and length <= self.model.context and one_factor_set
 
     def _prefill(self, jobs: list[Job]) -> tuple[Any, int]:
         """A Generator that has run the batch's prompts (right-padded), and its length in tokens.
@@ -141,17 +171,19 @@ class OnnxEngine(Bounded):
         prompt (a shared system prompt, the earlier turns of a conversation): it rewinds to them and runs only the
         rest, which gives the same logits as a fresh prefill bit for bit as long as the rest is 2 tokens or more.
         Tokens run one at a time (generated ones, a 1-token rest) take another kernel path with other rounding, so
-        they are never reused. Rows of a batch cannot reuse: the library takes a batch's prompts in one call.
+        they are never reused. Nor is a cache computed with the other LongRoPE factor set than the prompt needs (a
+        crossing request recomputes its whole cache with long factors). Rows of a batch cannot reuse: the library
+        takes a batch's prompts in one call.
         Single rows get KEEP_ROOM spare tokens so that the next request fits too.
         """
         og, width = self.og, max(len(job.ids) for job in jobs)
         length = width + max(job.params.max_new_tokens for job in jobs)
         kept, self.kept = self.kept, None
         if len(jobs) == 1 and kept is not None:
-            generator, computed, capacity = kept
+            generator, computed, capacity, long = kept
             ids = jobs[0].ids
             shared = next((i for i, (a, b) in enumerate(zip(computed, ids[:-2])) if a != b), min(len(computed), len(ids) - 2))
-            if shared and length <= capacity:
+            if shared and length <= capacity and long == self.model.long_factors(len(ids)):
                 generator.rewind_to(shared)
                 generator.append_tokens(np.asarray([ids[shared:]], dtype=np.int32))
                 return generator, capacity
@@ -175,7 +207,7 @@ class OnnxEngine(Bounded):
         plain_greedy = all(job.params.greedy and job.params.repetition_penalty == 1.0 for job in jobs)
         answers: list[list[int]] = [[] for _ in jobs]
         chosen, every_row = None, np.arange(rows)
-        live = set(range(rows))
+        live, crossed = set(range(rows)), False
         while True:
             for i in live:
                 jobs[i].batch_size = max(jobs[i].batch_size, len(live))
@@ -201,8 +233,14 @@ class OnnxEngine(Bounded):
                 live.discard(i)
             if not live:
                 if rows == 1:
-                    self.kept = (generator, jobs[0].ids, capacity)
+                    self.kept = (generator, jobs[0].ids, capacity, self.model.long_factors(len(jobs[0].ids)) or crossed)
                 return
+            if rows == 1 and len(jobs[0].ids) + len(answers[0]) - 1 == self.model.rope_switch:
+                # The token just chosen is the first past the original context: recompute the whole cache with long factors
+                generator.rewind_to(0)
+                generator.append_tokens(np.asarray([jobs[0].ids + answers[0]], dtype=np.int32))
+                crossed = True
+                continue
             chosen = np.zeros_like(logits) if chosen is None else chosen
             chosen[every_row, tokens.numpy()] = 1.0
             generator.set_logits(chosen)
