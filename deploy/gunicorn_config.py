@@ -5,6 +5,8 @@
   before the listening sockets are created, so it can still rebind them.
 - Idle and slow clients cannot hold worker threads: a worker that reads request heads without threads
   (phi3flow.deploy.gunicorn_worker).
+- Stopping (SIGTERM) is graceful and bounded: requests in flight have the scoring script's drain time
+  ($PHI3FLOW_DRAIN_S, 10 s by default) to finish or get a 503; gunicorn waits GRACE_S longer for its worker.
 - Keys sent in a query string never reach the log: neither gunicorn's access log nor azmlinfsrv's request lines
   keep the query string (nor the Referer, which can carry one, nor a Basic-auth user).
 """
@@ -12,15 +14,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 
+from phi3flow.deploy.phi3serve.contract import drain_seconds
+
 HOST_ENV = "PHI3FLOW_BIND_HOST"
+GRACE_S = 5  # beyond the drain time: the 503s are written and the worker exits
 
 worker_class = "phi3flow.deploy.gunicorn_worker.HeadFirstWorker"
 # gunicorn 25+ opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): two local servers
 # would share it, and nothing here uses it.
 control_socket_disable = True
+graceful_timeout = math.ceil(drain_seconds()) + GRACE_S  # then gunicorn kills the worker (SIGKILL); a whole number
 # gunicorn's default is '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'; %(r)s holds the query string.
 # The request line stays `"METHOD /path HTTP/1.1"`: azmlinfsrv's filter drops health checks by it.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(L)ss'

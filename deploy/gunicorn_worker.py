@@ -1,18 +1,31 @@
-"""A gunicorn threaded worker that idle and slow clients cannot take over.
+"""A gunicorn threaded worker that idle, slow, unauthenticated and oversized uploads cannot take over.
 
 gunicorn's `gthread` worker gives a connection a thread as soon as it is accepted: the thread waits up to 5 s for
 the first byte, then reads the request head with no deadline at all. 200 idle connections, or 40 that send a
-header byte every 2 s, leave no thread for real requests. This worker reads requests in its event loop, without
-threads, and hands a connection to a thread only once its request has arrived: the head, and the body too when
-head and body fit in MAX_PREREAD_BYTES (chat requests do); larger bodies are read by the thread. The head must
-arrive within HEAD_TIMEOUT_S of the connection opening (or becoming readable again when kept alive), the whole
-request within READ_TIMEOUT_S, else the client gets a 408; each write of the answer waits for the client at most
-WRITE_TIMEOUT_S. Plain HTTP/1.1 only (as azmlinfsrv serves it; TLS ends before it in Azure).
+header byte every 2 s, leave no thread for real requests. This worker reads whole requests in its event loop,
+without threads, and hands a connection to a thread only once its request has arrived:
+
+- The head must arrive within HEAD_TIMEOUT_S of the connection opening (or becoming readable again when kept
+  alive), the whole request within READ_TIMEOUT_S, else the client gets a 408. A head over MAX_HEAD_BYTES is a 431.
+- A request that announces a body must carry the endpoint key (phi3serve.contract.authorized, the scoring
+  script's own check): without it the answer is a 401 as soon as the head is in, and the body is never read.
+  Requests without a body (health probes, GET /) reach the app as they are.
+- Bodies are read here, up to the contract's MAX_BODY_BYTES: a Content-Length over it is a 413 before any body
+  byte is read; a chunked body is followed chunk by chunk (413 past the limit, 400 on invalid framing).
+- Each write of the answer waits for the client at most WRITE_TIMEOUT_S.
+- Stopping (SIGTERM): the listening sockets close at once (the port is free when the arbiter has closed its copy
+  too), requests that arrive whole meanwhile get a 503, kept-alive connections close within 2 s, and the requests
+  in flight finish or get the scoring script's 503 within its drain time (phi3serve.contract.drain_seconds).
+
+Answers the worker gives itself close the connection after lingering up to LINGER_S (up to MAX_DRAIN_BYTES the
+client still sends are read and dropped, so the answer is not lost to a reset). Plain HTTP/1.1 only (as azmlinfsrv serves it; TLS
+ends before it in Azure).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import math
 import re
 import selectors
@@ -22,14 +35,82 @@ from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
+from phi3flow.deploy.phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized, endpoint_key
+
 HEAD_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 WRITE_TIMEOUT_S = 30.0
-# Requests up to this size arrive whole before a thread sees them (it bounds what waiting connections hold); a head
-# that does not end within it goes to a thread as it is, for gunicorn's own header limits to answer.
-MAX_PREREAD_BYTES = 64 * 1024
-TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
+LINGER_S = 2.0  # how long a connection answered by the worker itself is drained before it closes...
+MAX_DRAIN_BYTES = 64 * 1024  # ...and how much of what the client still sends is read and dropped meanwhile
+MAX_HEAD_BYTES = 64 * 1024  # gunicorn's own limits allow far more, but no client of this server sends such heads
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or one trailer field
+RECV_BYTES = 64 * 1024
+EXPECT = re.compile(rb"\r\nexpect:[^\r\n]*", re.IGNORECASE)
+HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class Refusal(Exception):
+    """A request the worker answers itself, with a JSON {"message"} body as the scoring script's errors have."""
+
+    def __init__(self, status: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        body = json.dumps({"message": message}).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self.answer = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                       f"Connection: close\r\n{extra}\r\n").encode() + body
+
+
+TIMED_OUT = Refusal("408 Request Timeout", f"the request did not arrive within {READ_TIMEOUT_S:.0f} s").answer
+
+
+def _fields(head: bytes) -> dict[bytes, list[bytes]]:
+    """Header values by lower-case name (the request line skipped); gunicorn validates the head again in full."""
+    fields: dict[bytes, list[bytes]] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields.setdefault(name.strip().lower(), []).append(value.strip())
+    return fields
+
+
+class ChunkedBody:
+    """Where a chunked body ends, found as its bytes arrive (not decoded: gunicorn's parser does that in the thread)."""
+
+    def __init__(self, start: int):
+        self.at = start  # the next chunk-size line (or trailer field) starts here
+        self.size = 0  # body bytes in the chunks so far
+        self.in_trailer = False
+
+    def end(self, buf: bytearray) -> int | None:
+        """The offset just past the body once it is whole, else None; Refusal on invalid framing or past the limit."""
+        while True:
+            line_end = buf.find(b"\r\n", self.at, self.at + MAX_CHUNK_LINE + 2)
+            if line_end < 0:
+                if len(buf) - self.at > MAX_CHUNK_LINE:
+                    raise Refusal("400 Bad Request", "a chunk-size line or trailer field of the chunked body is too long")
+                return None
+            line = bytes(buf[self.at:line_end])
+            if self.in_trailer:
+                self.at = line_end + 2
+                if not line:
+                    return self.at
+                continue
+            digits = line.split(b";", 1)[0].rstrip(b" \t")
+            if not digits or not HEX.issuperset(digits):
+                raise Refusal("400 Bad Request", f"invalid chunk size {digits[:20].decode('latin-1')!r} in the chunked body: "
+                                                 "each chunk starts with its size in hexadecimal")
+            size = self.size + int(digits[:16], 16)
+            if len(digits) > 16 or size > MAX_BODY_BYTES:
+                raise Refusal("413 Content Too Large", f"the chunked request body is over the {MAX_BODY_BYTES}-byte limit")
+            if size == self.size:  # the last chunk: trailer fields follow, then a blank line
+                self.in_trailer, self.at = True, line_end + 2
+                continue
+            data_end = line_end + 2 + size - self.size
+            if len(buf) < data_end + 2:
+                return None
+            if buf[data_end:data_end + 2] != b"\r\n":
+                raise Refusal("400 Bad Request", "a chunk of the chunked body is longer than its size says")
+            self.size, self.at = size, data_end + 2
 
 
 class ClientSocket(socket.socket):
@@ -64,7 +145,9 @@ class HeadFirstWorker(ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.key = endpoint_key()
         self.arriving: set[TConn] = set()  # connections whose request is on its way
+        self.closing: set[TConn] = set()  # answered by the worker: drained until LINGER_S, then closed
 
     def accept(self, listener) -> None:
         try:
@@ -81,9 +164,21 @@ class HeadFirstWorker(ThreadWorker):
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         self._await_request(conn)
+        self._read_request(conn, client)  # readable now: a stopping worker must not take it for an idle connection
 
-    def _await_request(self, conn: TConn) -> None:
-        conn.received, conn.needed = bytearray(), None  # bytes so far; how many make the request, once the head says
+    def finish_request(self, conn: TConn, fs) -> None:
+        """A request pipelined behind the one just answered arrives under the same rules, not in the thread."""
+        pipelined = (not fs.cancelled() and fs.exception() is None and fs.result() is True
+                     and conn.parser.unreader.buf.getvalue())
+        if not pipelined:
+            super().finish_request(conn, fs)
+            return
+        self._await_request(conn, conn.parser.unreader.take_buffered())
+        self._advance(conn)
+
+    def _await_request(self, conn: TConn, received: bytes = b"") -> None:
+        conn.received = bytearray(received)  # bytes so far
+        conn.needed, conn.chunked = None, None  # bytes that make the request, once the head says; a chunked body's end
         conn.started = time.monotonic()
         conn.timeout = conn.started + HEAD_TIMEOUT_S
         conn.sock.setblocking(False)
@@ -92,7 +187,7 @@ class HeadFirstWorker(ThreadWorker):
 
     def _read_request(self, conn: TConn, _client) -> None:
         try:
-            data = conn.sock.recv(MAX_PREREAD_BYTES)
+            data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -100,14 +195,24 @@ class HeadFirstWorker(ThreadWorker):
         if not data:  # the client left before its request was whole
             self._drop(conn)
             return
-        seen = len(conn.received)
         conn.received += data
-        if conn.needed is None:
-            conn.needed = self._request_size(conn.received, seen)
-            if conn.needed is None:
+        self._advance(conn, len(conn.received) - len(data))
+
+    def _advance(self, conn: TConn, seen: int = 0) -> None:
+        """Hand the request to a thread once it is whole; answer it here when it must be refused."""
+        try:
+            if conn.needed is None and conn.chunked is None and not self._read_head(conn, seen):
                 return
-            conn.timeout = conn.started + READ_TIMEOUT_S
-        if len(conn.received) < conn.needed:
+            if conn.chunked is not None:
+                conn.needed = conn.chunked.end(conn.received)
+                if conn.needed is None and len(conn.received) > MAX_HEAD_BYTES + 2 * MAX_BODY_BYTES:
+                    raise Refusal("413 Content Too Large", "the chunked request body's framing is too large")
+            if conn.needed is None or len(conn.received) < conn.needed:
+                return
+            if not self.alive:
+                raise Refusal("503 Service Unavailable", "the server is shutting down; ask again", {"Retry-After": "1"})
+        except Refusal as refusal:
+            self._refuse(conn, refusal.answer)
             return
         self.poller.unregister(conn.sock)
         self.arriving.discard(conn)
@@ -116,21 +221,68 @@ class HeadFirstWorker(ThreadWorker):
         conn.received = None
         self.enqueue_req(conn)
 
-    @staticmethod
-    def _request_size(received: bytearray, seen: int) -> int | None:
-        """Bytes to wait for before a thread takes the request, once its head is whole (None before): the head,
-        plus a body announced by Content-Length when both fit in MAX_PREREAD_BYTES."""
+    def _read_head(self, conn: TConn, seen: int) -> bool:
+        """Once the head is whole: check the key when a body is announced, and how the body ends (False before)."""
+        received = conn.received
         first = len(received) - len(received.lstrip(b"\r\n"))  # blank lines before the request line are no head
         end = received.find(b"\r\n\r\n", max(seen - 3, first))
-        if end < 0:
-            return None if len(received) < MAX_PREREAD_BYTES else len(received)
-        length = CONTENT_LENGTH.search(received, 0, end + 2)
-        whole = end + 4 + (int(length.group(1)) if length else 0)
-        return whole if whole <= MAX_PREREAD_BYTES else end + 4
+        if end < 0 or end + 4 > MAX_HEAD_BYTES:
+            if len(received) >= MAX_HEAD_BYTES:
+                raise Refusal("431 Request Header Fields Too Large", f"the request head is over {MAX_HEAD_BYTES} bytes")
+            return False
+        fields = _fields(bytes(received[first:end]))
+        lengths, codings = fields.get(b"content-length", []), fields.get(b"transfer-encoding", [])
+        if (codings or any(value != b"0" for value in lengths)) and not authorized(
+                self.key, (fields.get(b"authorization") or [None])[0], (fields.get(b"api-key") or [None])[0]):
+            raise Refusal("401 Unauthorized", f"missing or wrong key: send {KEY_HEADERS}", {"WWW-Authenticate": "Bearer"})
+        if codings and (lengths or b",".join(codings).lower() != b"chunked"):
+            raise Refusal("400 Bad Request", "send the body with Content-Length or Transfer-Encoding: chunked (only)")
+        if lengths and (len(set(lengths)) > 1 or not lengths[0].isdigit()):
+            raise Refusal("400 Bad Request", "Content-Length must be one whole number of bytes")
+        if lengths and (len(lengths[0]) > 15 or int(lengths[0]) > MAX_BODY_BYTES):
+            raise Refusal("413 Content Too Large", f"the request body is over the {MAX_BODY_BYTES}-byte limit")
+        if b"expect" in fields:  # answered here: the client may send its body now (gunicorn must not answer it again)
+            head = EXPECT.sub(b"", bytes(received[:end + 2]))
+            received[:end + 2] = head
+            end = len(head) - 2
+            try:
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                pass
+        if codings:
+            conn.chunked = ChunkedBody(end + 4)
+        else:
+            conn.needed = end + 4 + (int(lengths[0]) if lengths else 0)
+        conn.timeout = conn.started + READ_TIMEOUT_S
+        return True
+
+    def _refuse(self, conn: TConn, answer: bytes) -> None:
+        """Answer, then drain what the client still sends for up to LINGER_S and close: no thread, no body kept."""
+        self.arriving.discard(conn)
+        self.poller.modify(conn.sock, selectors.EVENT_READ, partial(self._discard, conn))
+        try:
+            conn.sock.send(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.received, conn.drained, conn.timeout = None, 0, time.monotonic() + LINGER_S
+        self.closing.add(conn)
+
+    def _discard(self, conn: TConn, _client) -> None:
+        try:
+            conn.drained += len(data := conn.sock.recv(RECV_BYTES))
+            if data and conn.drained <= MAX_DRAIN_BYTES:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._drop(conn)
 
     def _drop(self, conn: TConn, answer: bytes = b"") -> None:
         self.poller.unregister(conn.sock)
         self.arriving.discard(conn)
+        self.closing.discard(conn)
         if answer:
             try:
                 conn.sock.send(answer)
@@ -139,12 +291,22 @@ class HeadFirstWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """Stopping, the listening sockets close at once: the port is free without waiting for requests in flight."""
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
     def murder_pending(self) -> None:
-        """Also close connections whose request did not arrive in time (with a 408 where the client still listens)."""
+        """Also close connections whose request did not arrive in time (with a 408 where the client still listens),
+        lingering ones past LINGER_S, and, stopping, the connections that have sent nothing."""
         super().murder_pending()
         now = time.monotonic()
-        for conn in [conn for conn in self.arriving if conn.timeout <= now]:
-            self._drop(conn, TIMED_OUT)
+        for conn in [conn for conn in self.arriving if conn.timeout <= now or not (self.alive or conn.received)]:
+            self._drop(conn, TIMED_OUT if conn.timeout <= now else b"")
+        for conn in [conn for conn in self.closing if conn.timeout <= now]:
+            self._drop(conn)
 
     def handle(self, conn: TConn):
         conn.sock.read_deadline = time.monotonic() + READ_TIMEOUT_S

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -22,11 +23,13 @@ from typing import Any, Callable, Iterator
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
 from flask import Response
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
 from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT,
                                 MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest,
-                                ChatRequest, ServingError, Unavailable, authorized, endpoint_key, parse_request)
+                                ChatRequest, DRAIN_S, ServingError, ShuttingDown, Unavailable, authorized, drain_seconds, endpoint_key,
+                                parse_request)
 from phi3serve import openai
 from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
@@ -47,12 +50,15 @@ _key: bytes | None = None
 _model_name = "phi3flow"  # the id OpenAI clients see (GET /v1/models)
 _timeout_s: float = 90.0
 _max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
+_drain_s: float = DRAIN_S  # $PHI3FLOW_DRAIN_S, read by init()
+_drain_deadline = math.inf  # once the server is stopping (SIGTERM): when answers still generating get a 503
 
 
 def init() -> None:
     """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR, start the engine."""
-    global _model, _key, _engine, _timeout_s, _max_new_tokens, _model_name
+    global _model, _key, _engine, _timeout_s, _max_new_tokens, _model_name, _drain_s
     _key = endpoint_key()
+    _drain_s = drain_seconds()
     model_dir = os.environ.get("AZUREML_MODEL_DIR")
     if not model_dir:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
@@ -63,6 +69,7 @@ def init() -> None:
     _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 16),
                          wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
     threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
+    drain_on_sigterm()
     log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
              _model.context)
     if add_openai_routes():
@@ -78,6 +85,36 @@ def watchdog(engine: Engine, period_s: float = WATCHDOG_S) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def drain_on_sigterm() -> None:
+    """When the server stops (SIGTERM to this worker), new requests get a 503 at once and those in flight have
+    $PHI3FLOW_DRAIN_S to finish, then get a 503 too: the server (gunicorn's handler, which runs as before) exits within
+    a bounded time and no client is left without an answer. Signal handlers can only be set from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("init() runs outside the main thread: requests in flight at shutdown are not drained")
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stopping(signum: int, frame: Any) -> None:
+        global _drain_deadline
+        if _drain_deadline == math.inf:
+            _drain_deadline = time.monotonic() + _drain_s
+            log.info("Stopping: requests in flight have %g s to finish", _drain_s)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default action: end the process, as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stopping)
+
+
+def _drained(job: Job) -> None:
+    """Past the drain time of a stopping server: stop the job, and answer 503."""
+    if time.monotonic() > _drain_deadline:
+        job.cancel()
+        raise ShuttingDown("the server is shutting down and stopped this generation; ask again")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     if not value.isdigit() or int(value) < 1:
@@ -89,6 +126,8 @@ def submit(body: bytes | ChatRequest, stream: bool = False) -> tuple[Job, int]:
     """Validate (a raw contract body), encode and queue a request: (job, turns dropped). Raises ServingError."""
     if _engine is None or not _engine.healthy():
         raise Unavailable("the generation engine is not running; the server is restarting")
+    if _drain_deadline < math.inf:
+        raise ShuttingDown()
     request = parse_request(body) if isinstance(body, bytes) else body
     if request.params.max_new_tokens > _max_new_tokens:
         raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
@@ -126,6 +165,7 @@ def _wait(job: Job, client_gone: Callable[[], bool]) -> Answer:
         try:
             return job.future.result(timeout=0.25)
         except TimeoutError:
+            _drained(job)
             if client_gone():
                 job.cancel()
                 raise ServingError("the client closed the connection; generation was stopped", status=499) from None
@@ -199,6 +239,7 @@ def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
             sent = text
         if job.future.done() and job.stream.empty():
             break
+        _drained(job)
         try:
             tokens.append(job.stream.get(timeout=0.05))
             while not job.stream.empty():
@@ -248,6 +289,7 @@ def _first_tokens(job: Job) -> list[int]:
             if job.future.done():
                 job.future.result()  # raises the ServingError of a failed generation
                 return []
+            _drained(job)
     job.cancel()
     raise ServingError(f"no token within {TIMEOUT_ENV}={_timeout_s:g} s; generation was stopped", status=504)
 
@@ -269,6 +311,9 @@ def _body(request: Any) -> bytes:
         return request.stream.read(MAX_BODY_BYTES + 1)
     except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
         raise ServingError("the request body did not arrive in time: send it whole", status=408) from None
+    except ParseException as exc:  # gunicorn's chunked-body parser: invalid framing is the client's error
+        raise BadRequest(f"the request body's chunked framing is invalid ({type(exc).__name__}): send each chunk as "
+                         "<size in hex>\\r\\n<data>\\r\\n and end with 0\\r\\n\\r\\n") from None
 
 
 @rawhttp

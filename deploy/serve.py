@@ -25,7 +25,8 @@ import requests
 
 from phi3flow.connect import KEY_ENV, add_key_options, key_from
 from phi3flow.errors import Phi3flowError
-from phi3flow.deploy.gunicorn_config import HOST_ENV
+from phi3flow.deploy.gunicorn_config import GRACE_S, HOST_ENV
+from phi3flow.deploy.phi3serve.contract import drain_seconds
 
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -150,10 +151,11 @@ class LocalEndpoint:
         return "; server log tail:\n" + "\n".join(tail)
 
     def stop(self) -> None:
+        """SIGTERM: the server stops accepting and drains (see gunicorn_config); killed if it outlasts gunicorn's grace."""
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=drain_seconds(self.environment()) + GRACE_S + 10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()

@@ -5,6 +5,7 @@ and a port another server holds is refused."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -164,6 +165,127 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(served)
     sock.close()
     assert status.startswith(b"HTTP/1.1 413")
     assert sent < 64
+
+
+def _exchange(port: int, request: bytes, pause: float = 0.0, rest: bytes = b"") -> tuple[bytes, float]:
+    """(the raw answer, seconds until its first byte) for `request`, then `rest` after `pause` s if still connected."""
+    with socket.create_connection((HOST, port)) as sock:
+        sock.settimeout(30)
+        started = time.monotonic()
+        sock.sendall(request)
+        if rest:
+            time.sleep(pause)
+            try:
+                sock.sendall(rest)
+            except OSError:
+                pass
+        first = sock.recv(65536)
+        took = time.monotonic() - started
+        answer = first
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, took
+
+
+def _head(method: str = "POST", path: str = "/score", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_a_body_without_the_key_is_refused_before_it_is_read(served):
+    """A 1 MiB body announced without the key: 401 at once, with no byte of the body sent; health probes pass."""
+    endpoint, _ = served
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"api_key": "wrong"}, {"Authorization": f"Basic {SECRET}"}):
+        answer, took = _exchange(endpoint.port, _head(Content_Length=str(1 << 20), **headers))
+        assert answer.startswith(b"HTTP/1.1 401") and took < 2, answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"].startswith("missing or wrong key")
+    answer, _ = _exchange(endpoint.port, _head(Transfer_Encoding="chunked", Authorization="Bearer wrong"))
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert requests.get(f"http://{HOST}:{endpoint.port}/", timeout=30).status_code == 200  # health needs no key
+    body = json.dumps(QUESTION).encode()
+    for key_header in (AUTH, {"api-key": SECRET}):  # both spellings of the key reach the model
+        response = requests.post(endpoint.url, data=body, headers={**key_header, "Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 200 and "Paris" in response.json()["output"]
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_oversized_and_malformed_bodies_get_a_4xx_and_never_a_500(served):
+    endpoint, _ = served
+    answer, took = _exchange(endpoint.port, _head(Content_Length=str((1 << 20) + 1), **AUTH))
+    assert answer.startswith(b"HTTP/1.1 413") and took < 2
+    chunked = _head(Transfer_Encoding="chunked", Content_Type="application/json", **AUTH)
+    for framing in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}xx\r\n0\r\n\r\n", b"-1\r\n{}\r\n0\r\n\r\n"):
+        answer, _ = _exchange(endpoint.port, chunked + framing)
+        assert answer.startswith(b"HTTP/1.1 400") and b"chunk" in answer, answer[:300]
+    answer, _ = _exchange(endpoint.port, _head(Content_Length="12", Transfer_Encoding="chunked", **AUTH) + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    answer, _ = _exchange(endpoint.port, _head(X_Big="a" * 70_000, **AUTH))
+    assert answer.startswith(b"HTTP/1.1 431")
+    body = json.dumps(QUESTION).encode()
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7)) + b"0\r\n\r\n"
+    answer, _ = _exchange(endpoint.port, chunked + framed)  # valid chunks still answer
+    assert answer.startswith(b"HTTP/1.1 200") and b"Paris" in answer, answer[:300]
+    expect = _head(Content_Length=str(len(body)), Expect="100-continue", Content_Type="application/json", **AUTH)
+    answer, _ = _exchange(endpoint.port, expect, pause=0.5, rest=body)  # the worker says continue, and only once
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200") and b"Paris" in answer, answer[:300]
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_wrong_key_uploads_trickling_hold_no_thread(served):
+    """50 clients announcing 1 MiB with a wrong key, each sending 70 KB then a byte a second and reconnecting when cut
+    off: a normal request still answers within 4x its time alone."""
+    endpoint, _ = served
+    alone = min(_timed_question(endpoint) for _ in range(2))
+    attack = Trickle(endpoint.port, 50, _head(Content_Length=str(1 << 20), Authorization="Bearer wrong-key"))
+    try:
+        time.sleep(1.0)
+        attacked = min(_timed_question(endpoint) for _ in range(2))
+        deadline = time.monotonic() + 15
+        while attack.refused < 50 and time.monotonic() < deadline:  # each is cut off after the 401 (and its linger)
+            time.sleep(0.2)
+    finally:
+        attack.close()
+    assert attacked < 4 * alone, (alone, attacked)
+    assert attack.refused >= 50
+
+
+def _timed_question(endpoint) -> float:
+    started = time.monotonic()
+    response = requests.post(endpoint.url, json=QUESTION, headers=AUTH, timeout=60)
+    assert response.status_code == 200
+    return time.monotonic() - started
+
+
+class Trickle:
+    """`count` clients that send `head`, 70 KB of body, then a byte a second; each reconnects when the server cuts it
+    off (`refused` counts those)."""
+
+    def __init__(self, port: int, count: int, head: bytes):
+        self.port, self.head, self.refused = port, head, 0
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with socket.create_connection((HOST, self.port), timeout=5) as sock:
+                    sock.sendall(self.head + b"x" * 70_000)
+                    while not self.stopped.wait(1.0):
+                        sock.sendall(b"x")
+            except OSError:
+                self.refused += 1
+                self.stopped.wait(0.2)
+
+    def close(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()
 
 
 # --- the server dies with `serve`, and `serve` refuses a port another server holds -----------------------

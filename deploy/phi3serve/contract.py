@@ -14,6 +14,7 @@ import hmac
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ KEY_HEADERS = "'Authorization: Bearer <key>' or 'api-key: <key>'"  # how clients
 # otherwise let every request grow a KV cache the GPU cannot hold for many requests (`phi3flow azure deploy` sets it
 # per model in the deployment; phi3serve.model applies it).
 MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
+# Seconds a stopping server (SIGTERM) gives the requests in flight: then those still generating get a 503. gunicorn's
+# graceful_timeout must exceed it (phi3flow's gunicorn settings take it from here).
+DRAIN_ENV, DRAIN_S = "PHI3FLOW_DRAIN_S", 10
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
 GREEDY_BELOW = 1e-3  # temperatures under this decode greedily (dividing logits by ~0 overflows)
@@ -82,6 +86,16 @@ class Unavailable(ServingError):
     """The generation engine cannot serve (it stopped); liveness fails so the container is restarted."""
 
     status = 503
+
+
+class ShuttingDown(ServingError):
+    """The server is stopping: requests it can no longer finish in its drain time are answered with this."""
+
+    status = 503
+
+    def __init__(self, message: str = "the server is shutting down; ask again"):
+        super().__init__(message)
+        self.headers = {"Retry-After": "1"}
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,18 @@ def endpoint_key() -> bytes | None:
     if key is not None and (not key.strip() or key != key.strip()):
         raise RuntimeError(f"{KEY_ENV} is empty or has surrounding whitespace: give the key exactly, or unset it")
     return key.encode() if key else None
+
+
+def drain_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    """$PHI3FLOW_DRAIN_S, else DRAIN_S: how long a stopping server lets requests in flight finish."""
+    value = environ.get(DRAIN_ENV, str(DRAIN_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise RuntimeError(f"{DRAIN_ENV} must be a number of seconds from 0 to 3600, got {value!r}")
+    return seconds
 
 
 def authorized(key: bytes | None, authorization: str | bytes | None, api_key: str | bytes | None) -> bool:
