@@ -324,3 +324,52 @@ def test_the_server_dies_with_serve_and_its_port_is_guarded(embedded_dir, signum
         if first.poll() is None:
             first.kill()
         first.wait()
+
+
+@pytest.mark.e2e
+@pytest.mark.model
+def test_sigterm_drains_then_frees_the_port(embedded_dir):
+    """SIGTERM to `serve` mid-request: the port closes at once, a short request in flight finishes, a long one gets a
+    complete 503 JSON answer at the drain time, and everything has exited well within gunicorn's grace."""
+    port, drain = free_port(), 8.0
+    server = _serve(port, **{connect.KEY_ENV: SECRET, "PHI3FLOW_DRAIN_S": str(drain)})
+    try:
+        for line in server.stdout:
+            if line.startswith("Scoring URL"):
+                break
+        else:
+            pytest.fail(f"serve exited: {server.stderr.read()[-2000:]}")
+        url, answers = f"http://{HOST}:{port}/score", {}
+
+        def ask(name: str, content: str, tokens: int) -> None:
+            body = {"input_data": {"input_string": [{"role": "user", "content": content}],
+                                   "parameters": {"temperature": 0, "max_new_tokens": tokens}}}
+            response = requests.post(url, json=body, headers=AUTH, timeout=120)
+            answers[name] = (response.status_code, response.headers.get("Content-Type"), response.json())
+
+        story = threading.Thread(target=ask, args=("long", "Write a long story about a dragon and a knight.", 1000))
+        story.start()
+        time.sleep(1.5)  # it is generating
+        short = threading.Thread(target=ask, args=("short", "What is the capital of France?", 4))
+        short.start()
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        with pytest.raises(OSError):  # no longer accepting
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                socket.create_connection((HOST, port), timeout=1).close()
+                time.sleep(0.1)
+        story.join(timeout=60)
+        short.join(timeout=60)
+        server.wait(timeout=60)
+        exited = time.monotonic() - stopped
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    assert answers["short"][0] == 200 and answers["short"][2]["output"], answers
+    status, media, payload = answers["long"]
+    assert (status, media) == (503, "application/json") and "shutting down" in payload["message"], answers["long"]
+    assert exited < drain + 5, exited
+    serve.check_port_free(port)
