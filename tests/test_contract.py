@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -51,6 +52,27 @@ def test_the_scoring_script_and_the_clients_share_the_key_variable():
     from phi3flow.deploy import score
 
     assert connect.KEY_ENV is contract.KEY_ENV and score.endpoint_key is contract.endpoint_key
+
+
+@pytest.mark.parametrize(("authorization", "api_key", "expected"), [
+    ("Bearer k3y", None, True), ("bearer k3y", None, True), (b"Bearer  k3y ", None, True), (None, "k3y", True),
+    (None, b"k3y", True), ("Bearer wrong", "k3y", True), ("Basic k3y", None, False), ("k3y", None, False),
+    ("Bearer k3y-longer", None, False), (None, None, False), ("Bearer", "", False), ("Bearer \u00e9", None, False)])
+def test_one_key_check_for_the_scoring_script_and_the_worker(authorization, api_key, expected):
+    """Header values as WSGI (text) or the worker (bytes) gives them; an open endpoint lets everything through."""
+    assert contract.authorized(b"k3y", authorization, api_key) is expected
+    assert contract.authorized(None, authorization, api_key) is True
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, contract.DRAIN_S), ("2.5", 2.5), ("0", 0.0), ("-1", None),
+                                                 ("nan", None), ("soon", None), ("99999", None)])
+def test_the_drain_time_comes_from_one_variable(value, expected):
+    environ = {} if value is None else {contract.DRAIN_ENV: value}
+    if expected is None:
+        with pytest.raises(RuntimeError, match=contract.DRAIN_ENV):
+            contract.drain_seconds(environ)
+    else:
+        assert contract.drain_seconds(environ) == expected
 
 
 def test_pf_tool_validate_accepts_the_tool_package(tmp_path: Path):
