@@ -95,6 +95,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_promp
     writing `<|im_end|>` to forge a system turn) is tokenized as text. Each such occurrence is wrapped in private
     markers before rendering, so it can be found in the rendered text; a tokenization without those markers is the
     tokenizer's usual one, token for token. Serving (ChatModel) and training (finetune.chat) encode through here.
+    The ids are those of transformers' `apply_chat_template(..., sanitize_control_tokens=True)`, which gives no offsets.
     """
     controls = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)}, key=len, reverse=True)
     found = re.compile("|".join(map(re.escape, controls)) or "(?!)")
