@@ -3,23 +3,46 @@
 One persistent manager serves every request; a dispatcher thread routes its results to the waiting
 jobs and cancels the ones nobody waits for any more. Per-request temperature, top-p and top-k are
 the manager's per-request logits processors; greedy decoding is top-k 1 (the argmax, exactly).
-The manager cannot apply a repetition penalty per request, so those requests go to the decode loop.
+The manager cannot apply a repetition penalty per request, so those requests go to the decode loop. Nor can it
+give each request its own LongRoPE factors (it packs requests into one forward pass, and the factors follow the
+pack's largest position): on a LongRoPE model, requests whose prompt + max_new_tokens may pass the original
+context go to the decode loop too (phi3serve.rope), so every sequence here stays on short factors, as alone.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import threading
 import time
+from typing import Any
 
 from phi3serve.contract import DEFAULTS, Busy, Expired, GenerationFailed, Unavailable
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.loop import LoopEngine
 from phi3serve.model import ChatModel
+from phi3serve.rope import longrope_original
 
 log = logging.getLogger("azmlinfsrv.score")
+
+
+def take_turns(model: Any) -> None:
+    """Let one thread at a time run the model's forward pass. The library's generation thread and the fallback decode
+    loop share the model; passes of the two interleaved gave the loop's requests wrong answers (measured on a LongRoPE
+    Phi-3 beside a continuous-batching request, tests/test_longrope.py)."""
+    if getattr(model.forward, "takes_turns", False):
+        return
+    lock, forward = threading.Lock(), model.forward
+
+    @functools.wraps(forward)
+    def serialized(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return forward(*args, **kwargs)
+
+    serialized.takes_turns = True
+    model.forward = serialized
 
 
 class ContinuousEngine(Bounded):
@@ -31,6 +54,7 @@ class ContinuousEngine(Bounded):
         super().__init__(max_queue)
         self.model, self.max_batch, self.fallback = model, max_batch, fallback
         self.stop_ids = set(model.stop_ids)
+        self.switch = longrope_original(model.model.config)  # None unless LongRoPE
         self.vocab = int(model.model.config.vocab_size)
         # Non-neutral defaults make transformers build the temperature/top-k/top-p processors; every request
         # then passes its own values.
@@ -44,6 +68,7 @@ class ContinuousEngine(Bounded):
         # its default share of free RAM (60%) per engine would exhaust the machine: a tenth is plenty there.
         config = ContinuousBatchingConfig(per_request_processors=True, use_cuda_graph=cuda, use_async_batching=False,
                                           max_requests_per_batch=max_batch, max_memory_percent=None if cuda else 0.1)
+        take_turns(model.model)
         self.manager = model.model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         if warmup:
             started = time.monotonic()
@@ -63,7 +88,8 @@ class ContinuousEngine(Bounded):
         self.fallback.close()
 
     def submit(self, job: Job) -> None:
-        if job.params.repetition_penalty != 1.0:
+        if job.params.repetition_penalty != 1.0 or (self.switch is not None and
+                                                    len(job.ids) + job.params.max_new_tokens > self.switch):
             self.fallback.submit(job)
             return
         with self.lock:

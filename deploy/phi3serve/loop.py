@@ -11,8 +11,10 @@ batch of other settings to finish (a long answer cannot hold short ones back). J
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import time
+from collections import deque
 from typing import Any, Callable, Generator, Iterator
 
 import torch
@@ -20,17 +22,21 @@ import torch
 from phi3serve.contract import Expired, GenerationFailed, ServingError
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import ChatModel
+from phi3serve.rope import row_rotary
 
 log = logging.getLogger("azmlinfsrv.score")
+PREFILL_CHUNK = 256  # prompt tokens per forward pass beyond which a prompt is prefilled in chunks between decode steps
 
 
 class DecodeState:
-    """The sequences being generated together: KV cache, tokens so far, attention mask, positions, limits."""
+    """The sequences being generated together: KV cache, tokens so far, attention mask, positions, limits, and
+    which rows' cache holds keys rotated with LongRoPE's long factors."""
 
     def __init__(self, cache: Any, sequences: Any, mask: Any, positions: Any, tokens: Any, limits: Any, settings: Any,
-                 answers: list[list[int]], jobs: list[Job]):
+                 answers: list[list[int]], jobs: list[Job], long: Any):
         self.cache, self.sequences, self.mask, self.positions = cache, sequences, mask, positions
         self.tokens, self.limits, self.settings, self.answers, self.jobs = tokens, limits, settings, answers, jobs
+        self.long = long
 
     @property
     def size(self) -> int:
@@ -51,17 +57,19 @@ class DecodeState:
             rows = keep.tolist()
             self.sequences, self.mask, self.positions = self.sequences[keep], self.mask[keep], self.positions[keep]
             self.tokens, self.limits, self.settings = self.tokens[keep], self.limits[keep], self.settings[keep]
+            self.long = self.long[keep]
             self.answers, self.jobs = [self.answers[i] for i in rows], [self.jobs[i] for i in rows]
             self._trim()
         return self
 
     def _trim(self) -> None:
-        """Drop leading columns that no remaining row attends to, so a batch that keeps taking joiners doesn't grow forever."""
+        """Drop leading columns that no remaining row attends to, so a batch that keeps taking joiners doesn't grow forever
+        (copied, so the wide cache a long history left behind is freed now)."""
         start = int(self.mask.any(0).nonzero()[0])
         if start:
             self.sequences, self.mask = self.sequences[:, start:], self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.keys, layer.values = layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone()
 
     @staticmethod
     def merge(running: "DecodeState | None", joining: "DecodeState | None", pad_id: int) -> "DecodeState | None":
@@ -83,7 +91,7 @@ class DecodeState:
             running.cache, torch.cat([running.sequences, joining.sequences]), torch.cat([running.mask, joining.mask]),
             torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]),
             torch.cat([running.limits, joining.limits]), torch.cat([running.settings, joining.settings]),
-            running.answers + joining.answers, running.jobs + joining.jobs,
+            running.answers + joining.answers, running.jobs + joining.jobs, torch.cat([running.long, joining.long]),
         )
 
 
@@ -115,33 +123,153 @@ def pick(scores: Any, sequences: Any, settings: Any) -> Any:
     return choice
 
 
-class Decoder:
-    """Continuous batching over the KV cache of one model; every row keeps its own parameters."""
+class Prefill:
+    """Histories (prompt + answer so far, left-padded) going through the model over a fresh cache, some columns per
+    forward pass; the last pass picks each row's next token. A long prompt goes a chunk at a time between the running
+    batch's decode steps (so it stalls nobody), always alone and cut at the same columns: its answer never depends
+    on what else is running."""
 
-    def __init__(self, model: ChatModel):
+    def __init__(self, decoder: "Decoder", jobs: list[Job], answers: list[list[int]]):
+        from transformers.cache_utils import DynamicCache
+
+        device, pad_id = decoder.chat.device, decoder.chat.pad_id
+        histories = [job.ids + answer for job, answer in zip(jobs, answers)]
+        self.width = max(len(history) for history in histories)
+        self.sequences = torch.tensor([[pad_id] * (self.width - len(h)) + h for h in histories], device=device)
+        self.mask = torch.tensor([[0] * (self.width - len(h)) + [1] * len(h) for h in histories], device=device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.long = decoder.long_rows([len(history) for history in histories])
+        self.cache, self.done, self.jobs, self.answers = DynamicCache(), 0, jobs, answers
+
+    @property
+    def size(self) -> int:
+        return len(self.jobs)
+
+    def advance(self, decoder: "Decoder", columns: int) -> DecodeState | None:
+        """Run the next `columns` columns; the decode state once the histories are all in (else None)."""
+        end = min(self.done + columns, self.width)
+        logits = decoder.forward(self.long, input_ids=self.sequences[:, self.done:end], attention_mask=self.mask[:, :end],
+                                 position_ids=self.positions[:, self.done:end], cache=self.cache)
+        self.done = end
+        if end < self.width:
+            return None
+        device = self.sequences.device
+        settings = row_settings(self.jobs, device)
+        tokens = pick(logits, self.sequences, settings)
+        limits = torch.tensor([job.params.max_new_tokens for job in self.jobs], device=device)
+        return DecodeState(self.cache, self.sequences, self.mask, self.positions[:, -1:], tokens, limits, settings,
+                           self.answers, self.jobs, self.long)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system: glibc keeps what a long prompt's cache and attention used, so
+    without this a worker stays at its peak after one long request (no-op off glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Decoder:
+    """Continuous batching over the KV cache of one model; every row keeps its own parameters (and, for LongRoPE
+    models, its own rotary factors: see phi3serve.rope).
+
+    Prompts up to `chunk` tokens are prefilled together as they join; longer ones a chunk at a time, taking at most
+    half of the time while others decode (`prefill_share`). A LongRoPE row whose history first passes the model's
+    original context is prefilled again with long factors, as `Phi3ForCausalLM.prepare_inputs_for_generation` does.
+    """
+
+    def __init__(self, model: ChatModel, chunk: int = PREFILL_CHUNK, prefill_share: float = 0.5):
         self.chat = model
         self.model = model.model
         self.stop = torch.tensor(model.stop_ids, device=model.device)
+        self.rotary = row_rotary(model.model)
+        self.chunk, self.prefill_share = chunk, prefill_share
+
+    def long_rows(self, lengths: list[int]) -> Any:
+        """Which rows of these history lengths take LongRoPE's long factors (none for other models)."""
+        original = self.rotary.original if self.rotary is not None else None
+        return torch.tensor([original is not None and n > original for n in lengths], device=self.chat.device)
+
+    def forward(self, long: Any, **inputs: Any) -> Any:
+        """The next-token scores (fp32) of each row's last position, rows with `long` set on long factors."""
+        if self.rotary is None:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        with self.rotary.rows(long):
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
 
     def decode(self, first: list[Job], admit: Callable[[int], list[Job]] = lambda free: [],
                max_rows: int = 16) -> Iterator[tuple[Job, list[int]]]:
         """Yields (job, generated tokens) as each sequence ends; between steps `admit(free_slots)` hands in joiners."""
         with torch.inference_mode():
-            state: DecodeState | None = self._prefill(first)
+            state: DecodeState | None = None
+            pending: deque[Prefill] = deque()  # long histories being prefilled a chunk at a time, oldest first
+            debt, widest, joining = 0.0, 0, first  # debt: prefill seconds not yet matched by decode time
             while True:
-                state = yield from self._advance(state)
-                joining = admit(max_rows - (state.size if state else 0))
-                if joining:  # their prefill picks their first token, which may already end them
-                    state = DecodeState.merge(state, (yield from self._advance(self._prefill(joining))), self.chat.pad_id)
-                if state is None:
+                short = [job for job in joining if len(job.ids) <= self.chunk]
+                pending.extend(Prefill(self, [job], [[]]) for job in joining if len(job.ids) > self.chunk)
+                if short:  # their prefill picks their first token, which may already end them
+                    state = self._merge(state, (yield from self._advance(self._prefill(short))))
+                for gone in [p for p in pending if all(job.expired() for job in p.jobs)]:
+                    pending.remove(gone)  # nobody waits for them: stop before their next chunk
+                    yield from zip(gone.jobs, gone.answers)
+                if pending and (state is None or debt <= 0):
+                    began = time.perf_counter()
+                    ready = pending[0].advance(self, self.chunk)
+                    if state is not None:  # time taken from running rows, paid back by their next steps
+                        debt += (time.perf_counter() - began) * (1 - self.prefill_share) / self.prefill_share
+                    if ready is not None:
+                        pending.popleft()
+                        state = self._merge(state, (yield from self._advance(ready)))
+                if not pending:
+                    debt = 0.0
+                if state is not None:
+                    began = time.perf_counter()
+                    state = yield from self._step(state, pending)
+                    debt -= time.perf_counter() - began
+                width = state.mask.shape[1] if state is not None else 0
+                if widest - width > self.chunk:  # a long history has left: give its memory back
+                    release_memory()
+                    widest = width
+                widest = max(widest, width)
+                if state is None and not pending:
                     return
-                for job in state.jobs:
-                    job.batch_size = max(job.batch_size, state.size)
-                step_input = state.tokens[:, None]
-                state.extend(step_input)
-                logits = self.model(input_ids=step_input, attention_mask=state.mask, position_ids=state.positions,
-                                    cache=state.cache, use_cache=True, logits_to_keep=1).logits
-                state.tokens = pick(logits[:, -1, :].float(), state.sequences, state.settings)
+                joining = admit(max_rows - (state.size if state else 0) - sum(p.size for p in pending))
+
+    def _merge(self, running: DecodeState | None, joining: DecodeState | None) -> DecodeState | None:
+        return DecodeState.merge(running, joining, self.chat.pad_id)
+
+    def _step(self, state: DecodeState, pending: deque[Prefill]) -> Generator[tuple[Job, list[int]], None, "DecodeState | None"]:
+        """Feed every row its last token and pick the next; yield the sequences that ended; return the rest."""
+        for job in state.jobs:
+            job.batch_size = max(job.batch_size, state.size)
+        crossed = None
+        if self.rotary is not None:
+            running, crossed = self._cross(state, pending)
+        else:
+            running = state
+        if running is not None:
+            step_input = running.tokens[:, None]
+            running.extend(step_input)
+            logits = self.forward(running.long, input_ids=step_input, attention_mask=running.mask,
+                                  position_ids=running.positions, cache=running.cache)
+            running.tokens = pick(logits, running.sequences, running.settings)
+        merged = self._merge(running, crossed)
+        return (yield from self._advance(merged)) if merged is not None else None
+
+    def _cross(self, state: DecodeState, pending: deque[Prefill]) -> tuple[DecodeState | None, DecodeState | None]:
+        """Rows whose next token passes the original context leave the batch and are prefilled again on long factors
+        (their cached keys were rotated with short ones): (the rest, the ones prefilled now with their next token)."""
+        crossing = (state.positions[:, 0] + 2 > self.rotary.original) & ~state.long  # history + the token to feed
+        if not crossing.any():
+            return state, None
+        rows = crossing.nonzero().squeeze(1).tolist()
+        jobs, answers = [state.jobs[i] for i in rows], [state.answers[i] for i in rows]
+        rest = state.select((~crossing).nonzero().squeeze(1))
+        if self.rotary.original + 1 <= self.chunk:
+            return rest, self._prefill(jobs, answers)
+        pending.appendleft(Prefill(self, jobs, answers))  # they were running already: ahead of waiting prompts
+        return rest, None
 
     def _advance(self, state: DecodeState) -> Generator[tuple[Job, list[int]], None, "DecodeState | None"]:
         """Record the tokens just picked (and stream them); yield the sequences that ended; return the rest."""
@@ -158,22 +286,10 @@ class Decoder:
             yield state.jobs[i], state.answers[i]
         return state.select((~done).nonzero().squeeze(1))
 
-    def _prefill(self, jobs: list[Job]) -> DecodeState:
-        """Run the prompts (left-padded) through the model once; the state holds their first tokens."""
-        from transformers.cache_utils import DynamicCache
-
-        device, pad_id = self.chat.device, self.chat.pad_id
-        width = max(len(job.ids) for job in jobs)
-        sequences = torch.tensor([[pad_id] * (width - len(job.ids)) + job.ids for job in jobs], device=device)
-        mask = torch.tensor([[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self.model(input_ids=sequences, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                            logits_to_keep=1).logits  # only the last position: the prompt's own logits are never used
-        settings = row_settings(jobs, device)
-        tokens = pick(logits[:, -1, :].float(), sequences, settings)
-        limits = torch.tensor([job.params.max_new_tokens for job in jobs], device=device)
-        return DecodeState(cache, sequences, mask, positions[:, -1:], tokens, limits, settings, [[] for _ in jobs], list(jobs))
+    def _prefill(self, jobs: list[Job], answers: list[list[int]] | None = None) -> DecodeState:
+        """Prefill histories at once (prompts, or prompt + answer so far); the state holds their next tokens."""
+        prefill = Prefill(self, jobs, answers or [[] for _ in jobs])
+        return prefill.advance(self, prefill.width)
 
 
 class LoopEngine(Bounded):
