@@ -18,7 +18,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,6 +57,7 @@ class System:
     name: str
     endpoint: str
     key: str
+    options: dict = field(default_factory=dict)  # endpoint-client options of its connection (api_format, model)
 
 
 def load_examples(path: Path, limit: int | None = None) -> list[Example]:
@@ -86,7 +87,7 @@ def resolve_target(spec: str, role: str, key_env: str) -> System:
             raise EvalError(f"{spec} needs its key in ${key_env} (or name another variable with --key-env)")
         return System(role, role, spec, key)
     try:
-        return System(role, spec, *read_connection(spec))
+        return System(role, spec, *read_connection(spec))  # endpoint, key, client options
     except ValueError as exc:
         raise EvalError(str(exc)) from None
 
@@ -96,9 +97,9 @@ def asker(system: System, via: str, max_new_tokens: int) -> Callable[[str], str]
     if via == "agent":
         from phi3agents import EndpointChatClient
 
-        agent_client = EndpointChatClient(system.endpoint, system.key)
+        agent_client = EndpointChatClient(system.endpoint, system.key, **system.options)
         return lambda question: agent_client.answer(question, **GREEDY, max_tokens=max_new_tokens)
-    client = get_client(system.endpoint, system.key)
+    client = get_client(system.endpoint, system.key, **system.options)
     return lambda question: client.chat([{"role": "user", "content": question}], **GREEDY, max_new_tokens=max_new_tokens)
 
 
@@ -231,7 +232,7 @@ class ServerHeaders:
     what shares their batch, and the largest batch each answer was decoded in. No extra request is made."""
 
     def __init__(self, system: System):
-        self._hooks = get_client(system.endpoint, system.key).session.hooks["response"]
+        self._hooks = get_client(system.endpoint, system.key, **system.options).session.hooks["response"]
         self._lock = threading.Lock()
         self.invariant: set[bool] = set()
         self.batch_sizes: list[int] = []

@@ -61,7 +61,7 @@ class EndpointChatClient(BaseChatClient):
 
         use_offline_defaults()
         try:
-            endpoint, key = read_connection(name)
+            endpoint, key, options = read_connection(name)
         except ValueError:
             raise
         except Exception:  # promptflow absent, or broken by agent-framework's newer OpenTelemetry (it re-raises a bare Exception)
@@ -69,7 +69,7 @@ class EndpointChatClient(BaseChatClient):
                 "--connection needs promptflow in this environment; promptflow 1.18 cannot be installed beside "
                 "agent-framework-core 1.x (OpenTelemetry pins), so pass --endpoint and the key instead"
             ) from None
-        return cls(endpoint, key, **client_options)
+        return cls(endpoint, key, **options, **client_options)
 
     def __repr__(self) -> str:
         return f"EndpointChatClient({self._client.endpoint!r})"

@@ -65,42 +65,59 @@ def _read_key_file(name: str, parser: argparse.ArgumentParser) -> str:
     return text.removesuffix("\n").removesuffix("\r")
 
 
+# Optional configs of a connection, passed to the endpoint client: the dialect (auto: OpenAI's for a URL ending in /v1)
+# and the model an OpenAI-compatible endpoint serves (Foundry and vLLM need it; phi3flow serve takes any).
+CLIENT_OPTIONS = ("api_format", "model")
+
+
 def endpoint_and_key(connection: Any, name: str = "the connection") -> tuple[str, str]:
     """configs.endpoint and secrets.key of a CustomConnection, or a ValueError naming the one missing."""
     configs, secrets = dict(connection.configs or {}), dict(connection.secrets or {})
     if not configs.get("endpoint"):
-        raise ValueError(f"{name} has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score)")
+        raise ValueError(f"{name} has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score) "
+                         "or an OpenAI-compatible base URL (ending in /v1)")
     if not secrets.get("key"):
         raise ValueError(f"{name} has no secrets.key: set it to the endpoint's primary key")
     return configs["endpoint"], secrets["key"]
 
 
-def read_connection(name: str) -> tuple[str, str]:
-    """The scoring URL and key of a connection in the local Prompt Flow store (the key decrypted, never printed)."""
+def client_options(connection: Any) -> dict[str, str]:
+    """The connection's endpoint-client options (configs.api_format, configs.model) that are set."""
+    configs = dict(connection.configs or {})
+    return {name: configs[name] for name in CLIENT_OPTIONS if configs.get(name)}
+
+
+def read_connection(name: str) -> tuple[str, str, dict[str, str]]:
+    """The URL, key and client options of a connection in the local Prompt Flow store (the key decrypted, never printed)."""
     from promptflow.client import PFClient
 
     try:
         connection = PFClient().connections.get(name, with_secrets=True)
     except Exception as exc:  # promptflow raises its own not-found error types, which vary by version
         raise ValueError(f"cannot read connection '{name}' ({type(exc).__name__}): create it with 'phi3flow connect --name {name} ...'") from None
-    return endpoint_and_key(connection, f"connection '{name}'")
+    return (*endpoint_and_key(connection, f"connection '{name}'"), client_options(connection))
 
 
-def create_connection(endpoint: str, key: str, name: str = DEFAULT_NAME) -> None:
-    """Store the connection in the local Prompt Flow connection store (secret encrypted there)."""
+def create_connection(endpoint: str, key: str, name: str = DEFAULT_NAME, **options: str) -> None:
+    """Store the connection in the local Prompt Flow connection store (secret encrypted there); `options`: CLIENT_OPTIONS."""
     from promptflow.client import PFClient
     from promptflow.entities import CustomConnection
 
     from phi3flow.client import EndpointClient
 
-    EndpointClient(endpoint, key).close()  # validates URL and key format before anything is stored
-    connection = CustomConnection(name=name, configs={"endpoint": endpoint}, secrets={"key": key})
+    options = {k: v for k, v in options.items() if v}
+    EndpointClient(endpoint, key, **options).close()  # validates URL, key format and options before anything is stored
+    connection = CustomConnection(name=name, configs={"endpoint": endpoint, **options}, secrets={"key": key})
     PFClient().connections.create_or_update(connection)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow connect", description=__doc__.splitlines()[0])
-    parser.add_argument("--endpoint", required=True, help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score")
+    parser.add_argument("--endpoint", required=True, help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score, "
+                        "or an OpenAI-compatible base URL ending in /v1 (Foundry Models, Foundry Local, vLLM, phi3flow serve)")
+    parser.add_argument("--api-format", choices=["auto", "azureml", "openai"], default="auto",
+                        help="how to speak to it (default auto: OpenAI's Chat Completions when the URL ends in /v1)")
+    parser.add_argument("--model", help="model (deployment) name an OpenAI-compatible endpoint serves, sent as 'model'")
     add_key_options(parser, "asked for without echo on a terminal")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"connection name (default {DEFAULT_NAME}, what flows/chat uses)")
     args = parser.parse_args(argv)
@@ -112,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     use_offline_defaults()
     try:
-        create_connection(args.endpoint, key, args.name)
+        options = {"api_format": args.api_format if args.api_format != "auto" else None, "model": args.model}
+        create_connection(args.endpoint, key, args.name, **{name: value for name, value in options.items() if value})
     except EndpointError as exc:
         parser.error(str(exc))
     print(f"Connection '{args.name}' now points at {args.endpoint}")

@@ -162,6 +162,19 @@ def test_client_picks_the_dialect_from_the_url():
     assert client_options(connection) == {"model": "Phi-4-mini-instruct"}
 
 
+def test_connection_carries_the_dialect_and_model():
+    """`phi3flow connect --api-format/--model` store them in configs; the tool, eval and agents read them back."""
+    from phi3flow.client import EndpointError
+    from phi3flow.connect import create_connection, read_connection
+
+    create_connection("http://127.0.0.1:9/openai/v1", "k-123", "openai_conn", model="Phi-4-mini-instruct")
+    assert read_connection("openai_conn") == ("http://127.0.0.1:9/openai/v1", "k-123", {"model": "Phi-4-mini-instruct"})
+    create_connection("http://127.0.0.1:9/score", "k-123", "openai_on_score", api_format="openai")
+    assert read_connection("openai_on_score")[2] == {"api_format": "openai"}
+    with pytest.raises(EndpointError, match="api_format"):
+        create_connection("http://127.0.0.1:9/score", "k-123", "bad", api_format="grpc")
+
+
 @pytest.mark.model
 def test_client_speaks_openai_to_the_v1_route(served):
     from phi3flow.client import EndpointClient, EndpointError

@@ -8,7 +8,7 @@ from promptflow.connections import CustomConnection
 from promptflow.core import tool
 
 from phi3flow.client import get_client, to_messages
-from phi3flow.connect import endpoint_and_key
+from phi3flow.connect import client_options, endpoint_and_key
 from phi3serve.contract import DEFAULTS
 
 
@@ -28,7 +28,7 @@ def chat(
     With `stream`, return a generator of text pieces instead: Prompt Flow streams it to the chat UI
     (`pf flow test --interactive`, VS Code, Foundry) and joins it elsewhere.
     """
-    client = get_client(*endpoint_and_key(connection))
+    client = get_client(*endpoint_and_key(connection), **client_options(connection))
     messages = to_messages(input_data, chat_history, system_prompt)
     ask = client.chat_stream if stream else client.chat
     return ask(messages, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
