@@ -234,7 +234,7 @@ def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
     sent = ""
     while True:
         text = _model.text(tokens)
-        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+        if text.startswith(sent) and len(text) > len(sent):  # whole characters only (ChatModel.text)
             yield text[len(sent):]
             sent = text
         if job.future.done() and job.stream.empty():

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from phi3flow.deploy import score
 from phi3serve.contract import DEFAULTS, MAX_BODY_BYTES, BadRequest, GenerationFailed, Parameters, parse_request
@@ -412,6 +413,25 @@ def test_streamed_deltas_add_up_to_the_json_answer(served, model):
     assert len(deltas) > 3 and "".join(deltas) == payload["output"]
     assert parsed[-1] == (DONE_EVENT, {"output": payload["output"], "truncated_turns": 0, "batch_size": 1,
                                        "tokens": parsed[-1][1]["tokens"]})
+
+
+@pytest.mark.model
+def test_an_answer_cut_inside_a_character_ends_before_it(served, model):
+    """max_new_tokens 2 stops inside an emoji's bytes (the model's first tokens): the JSON answer and every streamed
+    delta hold whole characters, never U+FFFD; with the tokens to finish it, the character is there."""
+    from phi3serve.contract import DELTA_EVENT
+
+    turns = [{"role": "user", "content": "Reply with only an emoji."}]
+    ids, _ = model.encode(turns, 2)
+    cut = model.tokenizer.decode(model.model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)[0, len(ids):])
+    assert cut.endswith("\ufffd")  # the case exists: the raw decode of these two tokens is half a character
+    for max_new_tokens in (1, 2, 4):
+        payload, status, _ = ask_score(turns, max_new_tokens=max_new_tokens)
+        assert status == 200 and "\ufffd" not in payload["output"], payload
+        job, dropped = score.submit(body(turns, temperature=0, max_new_tokens=max_new_tokens), stream=True)
+        events = [e for e in score.stream_events(job, dropped, score._first_tokens(job)) if e.startswith(f"event: {DELTA_EVENT}")]
+        assert "\ufffd" not in "".join(events)
+    assert ask_score(turns, max_new_tokens=4)[0]["output"]  # the emoji, whole
 
 
 @pytest.mark.model

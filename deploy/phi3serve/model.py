@@ -208,8 +208,14 @@ class ChatModel:
             raise BadRequest(f"input_data.input_string was rejected by the model's chat template: {str(exc)[:200]}") from None
 
     def text(self, tokens: list[int]) -> str:
-        """The answer text of generated tokens (stop tokens and other special tokens left out)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        """The answer text of generated tokens (stop tokens and other special tokens left out), whole characters only:
+        an answer cut inside a character (by max_new_tokens, or a stream so far) ends before it, not in U+FFFD."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for cut in range(1, min(4, len(tokens) + 1)):  # a character's 4 bytes at most: up to 3 trailing tokens hold part of it
+            if not text.endswith("\ufffd"):
+                break
+            text = self.tokenizer.decode(tokens[:-cut], skip_special_tokens=True)
+        return text.strip()
 
 
 def _capped(model_context: int) -> int:
