@@ -1,13 +1,17 @@
-"""Hostile clients against `phi3flow serve`: idle and slow-header connections, and a huge chunked upload.
+"""Hostile clients against `phi3flow serve`: idle and slow-header connections, slow uploads without the key, and a
+huge chunked upload.
 
 The real stack (azmlinfsrv + deploy/score.py, embedded model), once with gunicorn's own threaded worker
 (`gthread`, what azmlinfsrv gets from `--threads`) and once with phi3flow's (what `phi3flow serve` runs). Prints:
 - the latency of a normal request (greedy, 8 new tokens) alone, then while 200 idle connections and 40
   connections sending one header byte every 2 s are held open, and the difference (goal: < 1 s); in alternating
   rounds, so drift in this shared machine's speed hits both alike;
+- the same, alone and while --uploads clients (50) announce 1 MiB bodies with a wrong key, send 70 KB of it and then
+  one byte a second, reconnecting whenever the server cuts them off, and the ratio (goal: < 4x);
 - the answer to a 512 MiB chunked upload with a valid key and the server's memory growth meanwhile
   (goal: 413, < 20 MB).
-Run: .venv/bin/python bench/hostile_clients.py [--idle N] [--slow N] [--rounds N] [--chunked-mib N] [--patience S]
+Run: .venv/bin/python bench/hostile_clients.py [--idle N] [--slow N] [--uploads N] [--rounds N] [--chunked-mib N]
+     [--patience S]
 """
 
 from __future__ import annotations
@@ -77,6 +81,35 @@ class Attack:
             sock.close()
 
 
+class WrongKeyUploads:
+    """`count` clients announcing a 1 MiB body with a wrong key: 70 KB at once, then a byte a second; each reconnects
+    when the server cuts it off (`cut` counts those)."""
+
+    def __init__(self, port: int, count: int):
+        self.head = (f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer wrong-key\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {1 << 20}\r\n\r\n").encode()
+        self.port, self.cut, self.stopped = port, 0, threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with socket.create_connection((HOST, self.port), timeout=5) as sock:
+                    sock.sendall(self.head + b"[" * 70_000)
+                    while not self.stopped.wait(1.0):
+                        sock.sendall(b"[")
+            except OSError:
+                self.cut += 1
+                self.stopped.wait(0.2)
+
+    def close(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()
+
+
 def server_rss(endpoint: LocalEndpoint) -> int:
     """Resident bytes of the server and its workers."""
     root = psutil.Process(endpoint.process.pid)
@@ -119,45 +152,54 @@ def chunked_upload(endpoint: LocalEndpoint, mib: int) -> tuple[str, int, float]:
     return status, peak - before, sent
 
 
-def measure(worker: str, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """(latencies alone, latencies under attack) with one worker class."""
+def alternate(endpoint: LocalEndpoint, args: argparse.Namespace, attack) -> tuple[list[float], list[float]]:
+    """(latencies alone, latencies while `attack()` runs), in alternating rounds; stops at the first unanswered one."""
+    alone, attacked = [], []
+    for _ in range(args.rounds):
+        alone += normal_latencies(endpoint, args.requests, args.patience)
+        running = attack()
+        time.sleep(1.0)
+        try:
+            attacked += normal_latencies(endpoint, args.requests, args.patience)
+        finally:
+            running.close()
+        if math.inf in attacked:
+            break
+    return alone, attacked
+
+
+def measure(worker: str, args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
+    """{attack: (latencies alone, latencies under it)} with one worker class."""
     os.environ["GUNICORN_CMD_ARGS"] = WORKERS[worker]
     with tempfile.TemporaryDirectory() as folder, LocalEndpoint(embedded_model_dir(), log_file=Path(folder) / "server.log") as endpoint:
         normal_latencies(endpoint, 2, args.patience)  # warm up
-        alone, attacked = [], []
-        for _ in range(args.rounds):
-            alone += normal_latencies(endpoint, args.requests, args.patience)
-            attack = Attack(endpoint.port, args.idle, args.slow)
-            time.sleep(1.0)
-            try:
-                attacked += normal_latencies(endpoint, args.requests, args.patience)
-            finally:
-                attack.close()
-            if math.inf in attacked:
-                break
+        results = {"idle+slow": alternate(endpoint, args, lambda: Attack(endpoint.port, args.idle, args.slow)),
+                   "uploads": alternate(endpoint, args, lambda: WrongKeyUploads(endpoint.port, args.uploads))}
         if worker == "phi3flow":
             status, growth, sent = chunked_upload(endpoint, args.chunked_mib)
             print(f"{args.chunked_mib} MiB chunked upload: {status!r} after {sent} MiB sent; server memory growth "
                   f"{growth / 1e6:.1f} MB (goal: 413, < 20 MB)")
-    return alone, attacked
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--slow", type=int, default=40)
+    parser.add_argument("--uploads", type=int, default=50, help="wrong-key clients trickling 1 MiB bodies (default 50)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds alone / under attack (default 3)")
     parser.add_argument("--requests", type=int, default=3, help="normal requests per round, alone and under attack (default 3)")
     parser.add_argument("--patience", type=float, default=60.0, help="seconds a normal request may take before it counts as not answered")
     parser.add_argument("--chunked-mib", type=int, default=512)
     args = parser.parse_args()
-    print(f"normal request (greedy, 8 new tokens): median s alone / with {args.idle} idle + {args.slow} slow-header connections")
+    print(f"normal request (greedy, 8 new tokens): median s alone / under attack; idle+slow: {args.idle} idle + {args.slow} "
+          f"slow-header connections (goal: delay < 1 s); uploads: {args.uploads} wrong-key clients trickling 1 MiB bodies "
+          f"(goal: < 4x alone); > {args.patience:.0f} s counts as not answered")
     for worker in WORKERS:
-        alone, attacked = measure(worker, args)
-        delay = statistics.median(attacked) - statistics.median(alone)
-        shown = "not answered" if math.isinf(delay) else f"{delay:+.2f} s"
-        print(f"{worker:>9} worker: {statistics.median(alone):.2f} / {statistics.median(attacked):.2f} s  "
-              f"(delay {shown}; goal < 1 s; > {args.patience:.0f} s counts as not answered)")
+        for attack, (alone, attacked) in measure(worker, args).items():
+            before, during = statistics.median(alone), statistics.median(attacked)
+            shown = "not answered" if math.isinf(during) else f"delay {during - before:+.2f} s, {during / before:.2f}x alone"
+            print(f"{worker:>9} worker, {attack:>9}: {before:.2f} / {during:.2f} s ({shown})")
 
 
 if __name__ == "__main__":
