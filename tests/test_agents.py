@@ -179,11 +179,16 @@ def test_key_never_shown(endpoint, caplog):
 
 
 @pytest.fixture(scope="module")
-def local_client(embedded_dir):
+def local(embedded_dir):
     from phi3flow.deploy.serve import LocalEndpoint
 
-    with LocalEndpoint(embedded_dir) as local:
-        yield EndpointChatClient(local.url, local.key)
+    with LocalEndpoint(embedded_dir) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def local_client(local):
+    return EndpointChatClient(local.url, local.key)
 
 
 @pytest.mark.model
@@ -231,3 +236,23 @@ def test_evaluation_via_agent_matches_the_direct_path(endpoint, tmp_path, monkey
     assert bodies[:2] == bodies[2:]
     metrics = {via: json.loads((tmp_path / via / "metrics.json").read_text())["systems"]["candidate"]["metrics"] for via in ("client", "agent")}
     assert metrics["client"]["rouge_l"] == metrics["agent"]["rouge_l"] and metrics["agent"]["rouge_l"]["mean"] == 1.0
+
+
+@pytest.mark.model
+def test_agent_framework_openai_client_on_the_v1_route(local, local_client):
+    """Agent Framework's own Chat Completions client, pointed at phi3flow serve's /v1, gets the answer ours gets."""
+    from agent_framework.openai import OpenAIChatCompletionClient
+
+    base = local.url.removesuffix("/score") + "/v1"
+    options = {"temperature": 0.0, "max_tokens": 32}
+
+    async def whole_and_streamed() -> tuple[str, list[str]]:  # one event loop: the OpenAI client's connections live in it
+        agent = Agent(OpenAIChatCompletionClient(model="phi3flow", api_key=local.key, base_url=base), "Be brief.",
+                      default_options=options)
+        whole = (await agent.run("Who founded Microsoft?")).text
+        return whole, [update.text async for update in agent.run("Who founded Microsoft?", stream=True) if update.text]
+
+    answer, pieces = asyncio.run(whole_and_streamed())
+    assert answer == run_agent(local_client, "Who founded Microsoft?", **options) and "Gates" in answer
+    assert answer == run_agent(EndpointChatClient(base, local.key), "Who founded Microsoft?", **options)  # ours, OpenAI's dialect
+    assert len(pieces) > 1 and "".join(pieces) == answer
