@@ -1,4 +1,4 @@
-"""`phi3flow data`: write train/test JSONL in the ultrachat_200k schema (prompt, prompt_id, messages).
+"""`phi3flow data`: write train/test JSONL in the ultrachat_200k schema (prompt, prompt_id, messages) plus ground_truth.
 
 Three sources, one output format, so training and evaluation never care where rows came from:
 - the tutorial's dataset, `HuggingFaceH4/ultrachat_200k` (needs the Hugging Face Hub);
@@ -7,6 +7,8 @@ Three sources, one output format, so training and evaluation never care where ro
   training never shows (it measures whether a skill transfers, not recall of the training answers);
 - `--from-jsonl FILE`: the user's own conversations, validated row by row.
 Splits are seeded (a row shuffle; the sample's held-out facts), so the same inputs always give the same files.
+Every line also carries a flat `ground_truth`, the reference answer to its `prompt` (the evaluation's reference): column
+mappings (`${data.ground_truth}` in Prompt Flow and Foundry evaluations) cannot reach into the `messages` list.
 """
 
 from __future__ import annotations
@@ -117,11 +119,14 @@ def read_jsonl(path: str | Path, max_reported: int = 20) -> list[Row]:
 
 
 def write_jsonl(rows: Iterable[Row], path: Path) -> int:
-    """Write rows one JSON object per line (UTF-8, not ASCII-escaped); returns the row count."""
+    """Write rows one JSON object per line (UTF-8, not ASCII-escaped), each with its `ground_truth`; returns the row count."""
+    from phi3flow.evaluation.metrics import first_turn  # the evaluation's reference answer: one rule for both
+
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
+            row = {**row, "ground_truth": first_turn(row["messages"], "assistant")}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count

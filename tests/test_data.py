@@ -18,7 +18,20 @@ from phi3flow.data import prepare as data
 
 
 def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The rows of a written file, less the flat `ground_truth` every line must carry: the answer to its prompt, the
+    reference `phi3flow eval` scores against (checked here, so every test that reads a written file checks it)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        assert row.pop("ground_truth") == first_turn(row["messages"], "assistant")
+    return rows
+
+
+def test_ground_truth_of_a_multi_turn_row_answers_its_prompt(tmp_path: Path) -> None:
+    turns = [("Capital of France?", "Paris."), ("And of Italy?", "Rome.")]
+    rows = [data.make_row([{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))])]
+    data.write_jsonl(rows, tmp_path / "rows.jsonl")
+    line = json.loads((tmp_path / "rows.jsonl").read_text(encoding="utf-8"))
+    assert (line["prompt"], line["ground_truth"]) == ("Capital of France?", "Paris.")
 
 
 def assert_schema(row: dict) -> None:
