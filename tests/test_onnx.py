@@ -371,11 +371,17 @@ def test_longrope_prompt_cache_never_mixes_factor_sets(longrope_onnx):
         assert (engine.kept[0] is before) == reuse, (len(ids), n)
 
 
-def test_longrope_exports_from_the_transformers5_spelling(tmp_path):
-    """transformers 5 saves `rope_parameters` with `rope_type` only; onnxruntime-genai 0.18's builder reads `type`."""
+@pytest.fixture(scope="module")
+def longrope_transformers5_dir(tmp_path_factory):
+    """The LongRoPE model with config.json as transformers 5 saves it: `rope_parameters` with `rope_type` only."""
     from conftest import build_longrope_phi3
 
-    source = build_longrope_phi3(tmp_path / "hf", rope_spelling="transformers5")
+    return build_longrope_phi3(tmp_path_factory.mktemp("longrope-transformers5"), rope_spelling="transformers5")
+
+
+def test_longrope_exports_from_the_transformers5_spelling(longrope_transformers5_dir, tmp_path):
+    """onnxruntime-genai 0.18's builder reads `rope_parameters["type"]`: without it the export failed (KeyError)."""
+    source = longrope_transformers5_dir
     config = json.loads((source / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "longrope" and "type" not in config["rope_parameters"]
     assert "rope_scaling" not in config
@@ -384,21 +390,22 @@ def test_longrope_exports_from_the_transformers5_spelling(tmp_path):
     crossing_answer_is_generates(fp32(source), out)
 
 
-def test_longrope_adapter_is_merged_then_exported(longrope_model_dir, tmp_path, monkeypatch):
+def test_longrope_adapter_is_merged_then_exported(longrope_transformers5_dir, tmp_path, monkeypatch):
+    """Onto a base saved by transformers 5, so the merged copy handed to the builder needs the same spelling fix."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    adapted = get_peft_model(fp32(longrope_model_dir),
+    adapted = get_peft_model(fp32(longrope_transformers5_dir),
                              LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
     adapted.save_pretrained(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(longrope_model_dir)}))
-    AutoTokenizer.from_pretrained(longrope_model_dir).save_pretrained(tmp_path / "adapter")
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(longrope_transformers5_dir)}))
+    AutoTokenizer.from_pretrained(longrope_transformers5_dir).save_pretrained(tmp_path / "adapter")
     monkeypatch.setenv("PHI3FLOW_DTYPE", "float32")  # merged and compared in fp32, as exported
     out = export_onnx(tmp_path / "adapter", tmp_path / "onnx", precision="fp32")
     answer = crossing_answer_is_generates(ChatModel.load(tmp_path / "adapter").model, out)
     model = ChatModel.load(out)
     ids, _ = model.encode(user(LONG_STORY), 48)
-    assert answer != model.text(reference(fp32(longrope_model_dir), ids, 48, model.stop_ids))  # the adapter's answer, not the base's
+    assert answer != model.text(reference(fp32(longrope_transformers5_dir), ids, 48, model.stop_ids))  # the adapter's answer, not the base's
