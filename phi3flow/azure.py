@@ -300,6 +300,8 @@ def report_deploy(client: MLClient, created: Any, args: argparse.Namespace) -> N
     )
     print(f"scoring URI: {uri}")
     print(f'connect Prompt Flow to it:\n  phi3flow connect --endpoint {uri} --key "$({key})"')
+    # score.py serves OpenAI's Chat Completions beside /score (docs/openai.md): the openai SDK takes this base URL
+    print(f"OpenAI-compatible base URL (openai SDK, Agent Framework, any OpenAI client): {uri.removesuffix('/score')}/v1")
 
 
 Plan = Callable[[argparse.Namespace], list[Action]]

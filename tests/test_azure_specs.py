@@ -220,6 +220,21 @@ def test_deployment_serves_the_repo_scoring_script() -> None:
     assert (code / "score.py").is_file()
 
 
+def test_deployment_serves_openai_chat_completions() -> None:
+    """The deployment speaks OpenAI's Chat Completions too (docs/openai.md): its code folder carries phi3serve.openai,
+    and its environment runs the azmlinfsrv that tests/test_openai.py serves /v1 and the OpenAI body on /score with
+    (score.init() adds the /v1 routes to that version's blueprint; another version gets the body on /score only)."""
+    deployment = spec("deployment.yml")
+    code = (Path(deployment.base_path) / deployment.code_configuration.code).resolve()
+    assert (code / "phi3serve" / "openai.py").is_file()
+    pip = next(dep["pip"] for dep in spec("inference-environment.yml").conda_file["dependencies"] if isinstance(dep, dict))
+    server = pinned(pip)["azureml-inference-server-http"]
+    assert server == pinned((REPO / "requirements.txt").read_text().splitlines())["azureml-inference-server-http"]
+    from importlib.metadata import version
+
+    assert server == f"=={version('azureml-inference-server-http')}"  # the version the OpenAI route tests run
+
+
 def test_specs_name_each_other_consistently() -> None:
     job, deployment = spec("finetune-job.yml"), spec("deployment.yml")
     assert ref_name(job.compute) == spec("compute.yml").name
@@ -453,6 +468,8 @@ def test_deploy_sends_the_plan_and_prints_the_connect_command(monkeypatch: pytes
     assert f"scoring URI: {uri}" in out
     assert (f'phi3flow connect --endpoint {uri} --key "$(az ml online-endpoint get-credentials --name phi3flow-chat '
             '--resource-group my-group --workspace-name my-workspace --query primaryKey --output tsv)"') in out
+    assert "OpenAI-compatible base URL (openai SDK, Agent Framework, any OpenAI client): " \
+           "https://phi3flow-chat.eastus.inference.ml.azure.com/v1" in out
 
 
 def test_redeploy_keeps_traffic_on_the_live_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
