@@ -35,6 +35,7 @@ from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
+from phi3flow.deploy.phi3serve import openai
 from phi3flow.deploy.phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized, endpoint_key
 
 HEAD_TIMEOUT_S = 10.0
@@ -54,10 +55,21 @@ class Refusal(Exception):
 
     def __init__(self, status: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        body = json.dumps({"message": message}).encode()
-        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-        self.answer = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                       f"Connection: close\r\n{extra}\r\n").encode() + body
+        self.status, self.headers = status, headers or {}
+        self.answer = self.render({"message": message})
+
+    def render(self, payload: dict) -> bytes:
+        body = json.dumps(payload).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+        return (f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n{extra}\r\n").encode() + body
+
+    def answer_to(self, received: bytes) -> bytes:
+        """The answer in the shape of the route asked for: OpenAI's error object on its /v1 routes."""
+        path = received.lstrip(b"\r\n").split(b" ", 2)[1:2]
+        if path and path[0].startswith(b"/v1/"):
+            return self.render(openai.error_body(str(self), int(self.status.split()[0])))
+        return self.answer
 
 
 TIMED_OUT = Refusal("408 Request Timeout", f"the request did not arrive within {READ_TIMEOUT_S:.0f} s").answer
@@ -212,7 +224,7 @@ class HeadFirstWorker(ThreadWorker):
             if not self.alive:
                 raise Refusal("503 Service Unavailable", "the server is shutting down; ask again", {"Retry-After": "1"})
         except Refusal as refusal:
-            self._refuse(conn, refusal.answer)
+            self._refuse(conn, refusal.answer_to(bytes(conn.received[:MAX_HEAD_BYTES])))
             return
         self.poller.unregister(conn.sock)
         self.arriving.discard(conn)
