@@ -21,6 +21,7 @@ import requests
 from conftest import SECRET
 from phi3flow import connect
 from phi3flow.deploy import serve
+from phi3flow.deploy.gunicorn_config import GRACE_S
 from phi3flow.deploy.gunicorn_worker import HEAD_TIMEOUT_S
 from phi3flow.deploy.serve import HOST, LocalEndpoint, free_port
 
@@ -330,8 +331,9 @@ def test_the_server_dies_with_serve_and_its_port_is_guarded(embedded_dir, signum
 @pytest.mark.model
 def test_sigterm_drains_then_frees_the_port(embedded_dir):
     """SIGTERM to `serve` mid-request: the port closes at once, a short request in flight finishes, a long one gets a
-    complete 503 JSON answer at the drain time, and everything has exited well within gunicorn's grace."""
-    port, drain = free_port(), 8.0
+    complete 503 JSON answer at the drain time, and everything has exited by gunicorn's grace (drain + GRACE_S, after
+    which it kills the worker; the worker's own exit takes a few seconds of interpreter teardown)."""
+    port, drain = free_port(), 20.0  # the short request finishes well within it, even on a loaded machine
     server = _serve(port, **{connect.KEY_ENV: SECRET, "PHI3FLOW_DRAIN_S": str(drain)})
     try:
         for line in server.stdout:
@@ -371,5 +373,5 @@ def test_sigterm_drains_then_frees_the_port(embedded_dir):
     assert answers["short"][0] == 200 and answers["short"][2]["output"], answers
     status, media, payload = answers["long"]
     assert (status, media) == (503, "application/json") and "shutting down" in payload["message"], answers["long"]
-    assert exited < drain + 5, exited
+    assert drain < exited < drain + GRACE_S + 2, exited
     serve.check_port_free(port)
