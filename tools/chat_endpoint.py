@@ -1,4 +1,5 @@
-"""Prompt Flow tool: chat with a Phi-3 AzureML endpoint through a CustomConnection (configs.endpoint, secrets.key)."""
+"""Prompt Flow tool: chat with a Phi-3 AzureML endpoint, or any OpenAI-compatible one, through a CustomConnection
+(configs.endpoint, secrets.key; optional configs.api_format and configs.model, see phi3flow.connect)."""
 
 from __future__ import annotations
 
