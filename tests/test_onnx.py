@@ -401,11 +401,13 @@ def test_longrope_adapter_is_merged_then_exported(longrope_transformers5_dir, tm
                              LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
     adapted.save_pretrained(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(longrope_transformers5_dir)}))
+    base = {"base_model_name_or_path": str(longrope_transformers5_dir)}
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **base}))
     AutoTokenizer.from_pretrained(longrope_transformers5_dir).save_pretrained(tmp_path / "adapter")
     monkeypatch.setenv("PHI3FLOW_DTYPE", "float32")  # merged and compared in fp32, as exported
     out = export_onnx(tmp_path / "adapter", tmp_path / "onnx", precision="fp32")
     answer = crossing_answer_is_generates(ChatModel.load(tmp_path / "adapter").model, out)
     model = ChatModel.load(out)
     ids, _ = model.encode(user(LONG_STORY), 48)
-    assert answer != model.text(reference(fp32(longrope_transformers5_dir), ids, 48, model.stop_ids))  # the adapter's answer, not the base's
+    base_answer = model.text(reference(fp32(longrope_transformers5_dir), ids, 48, model.stop_ids))
+    assert answer != base_answer  # the adapter's answer, not the base's
