@@ -205,6 +205,9 @@ def test_a_body_without_the_key_is_refused_before_it_is_read(served):
     answer, _ = _exchange(endpoint.port, _head(Transfer_Encoding="chunked", Authorization="Bearer wrong"))
     assert answer.startswith(b"HTTP/1.1 401")
     assert requests.get(f"http://{HOST}:{endpoint.port}/", timeout=30).status_code == 200  # health needs no key
+    pipelined, _ = _exchange(endpoint.port, _head("GET", "/") + _head(Content_Length=str(1 << 20), api_key="wrong"))
+    refused = pipelined[pipelined.index(b"HTTP/1.1 401"):]  # behind a request, the same rule: the worker answers
+    assert pipelined.startswith(b"HTTP/1.1 200") and b"Server: gunicorn" not in refused
     body = json.dumps(QUESTION).encode()
     for key_header in (AUTH, {"api-key": SECRET}):  # both spellings of the key reach the model
         response = requests.post(endpoint.url, data=body, headers={**key_header, "Content-Type": "application/json"}, timeout=60)
