@@ -198,9 +198,10 @@ class Decoder:
         with self.rotary.rows(long):
             return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
 
-    def decode(self, first: list[Job], admit: Callable[[int], list[Job]] = lambda free: [],
+    def decode(self, first: list[Job], admit: Callable[[int, bool], list[Job]] = lambda free, decoding: [],
                max_rows: int = 16) -> Iterator[tuple[Job, list[int]]]:
-        """Yields (job, generated tokens) as each sequence ends; between steps `admit(free_slots)` hands in joiners."""
+        """Yields (job, generated tokens) as each sequence ends; between steps `admit(free_slots, decoding)` hands in
+        joiners (`decoding`: rows are being decoded, whom a joiner's prefill would stall)."""
         with torch.inference_mode():
             state: DecodeState | None = None
             pending: deque[Prefill] = deque()  # long histories being prefilled a chunk at a time, oldest first
@@ -234,7 +235,7 @@ class Decoder:
                 widest = max(widest, width)
                 if state is None and not pending:
                     return
-                joining = admit(max_rows - (state.size if state else 0) - sum(p.size for p in pending))
+                joining = admit(max_rows - (state.size if state else 0) - sum(p.size for p in pending), state is not None)
 
     def _merge(self, running: DecodeState | None, joining: DecodeState | None) -> DecodeState | None:
         return DecodeState.merge(running, joining, self.chat.pad_id)
@@ -315,15 +316,15 @@ class LoopEngine(Bounded):
         while self.running and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def _admit(self, free: int) -> list[Job]:
+    def _admit(self, free: int, decoding: bool) -> list[Job]:
         """Called between decode steps. A prefill stalls the running batch, so joiners come in groups: at
-        once when the batch is empty or `join_min` are waiting, else after at most `join_every` steps."""
+        once when nothing is decoding or `join_min` are waiting, else after at most `join_every` steps."""
         self.steps_since_join += 1
         with self.lock:
             ready = len(self.waiting)
             if free <= 0 or not ready:
                 return []
-            if free < self.max_batch and ready < min(free, self.join_min) and self.steps_since_join < self.join_every:
+            if decoding and ready < min(free, self.join_min) and self.steps_since_join < self.join_every:
                 return []
             self.steps_since_join = 0
             return self.take(free)
@@ -337,8 +338,8 @@ class LoopEngine(Bounded):
         log.info("Generating a batch of %d", len(batch))
         self.running = batch
 
-        def admit(free: int) -> list[Job]:
-            joining = self._admit(free)
+        def admit(free: int, decoding: bool) -> list[Job]:
+            joining = self._admit(free, decoding)
             batch.extend(joining)  # so a failure below reaches the joiners too
             return joining
 
