@@ -14,6 +14,7 @@ import requests
 from conftest import SECRET
 from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
+from phi3serve.contract import BATCH_SIZE_HEADER
 from phi3flow.data.prepare import sample_split
 from phi3flow.offline import stop_pf_service
 from phi3flow.deploy.serve import LocalEndpoint
@@ -40,8 +41,8 @@ def ask_together(url: str, questions: list[str], max_new_tokens: int) -> list[re
 
 def batch_sizes(responses: list[requests.Response]) -> list[int]:
     """The x-phi3flow-batch-size header of each answer: the most sequences decoded together while it was generated."""
-    assert all(compare.BATCH_SIZE_HEADER in r.headers for r in responses), "the server sends no batch size header"
-    return [int(r.headers[compare.BATCH_SIZE_HEADER]) for r in responses]
+    assert all(BATCH_SIZE_HEADER in r.headers for r in responses), "the server sends no batch size header"
+    return [int(r.headers[BATCH_SIZE_HEADER]) for r in responses]
 
 
 @pytest.fixture(scope="module")

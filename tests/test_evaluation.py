@@ -13,6 +13,7 @@ from sacrebleu import corpus_bleu, sentence_bleu
 from conftest import REPO, Reply, ScriptedEndpoint
 from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
+from phi3serve.contract import BATCH_INVARIANT_HEADER
 from phi3flow.evaluation import metrics
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
 from phi3flow.data.prepare import sample_rows, sample_split
@@ -42,8 +43,8 @@ def answer_book(answer: Callable[[str], str], fail: set[str] = frozenset(), head
 @pytest.fixture
 def books():
     """Candidate answers like the references; baseline always hedges and first fails on one question."""
-    candidate = answer_book(ANSWERS.get, headers={compare.BATCH_INVARIANT_HEADER: "true"})
-    baseline = answer_book(lambda question: "I do not know.", fail={ROWS[2]["prompt"]}, headers={compare.BATCH_INVARIANT_HEADER: "false"})
+    candidate = answer_book(ANSWERS.get, headers={BATCH_INVARIANT_HEADER: "true"})
+    baseline = answer_book(lambda question: "I do not know.", fail={ROWS[2]["prompt"]}, headers={BATCH_INVARIANT_HEADER: "false"})
     create_connection(candidate.url, "candidate-key", "eval_candidate")
     create_connection(baseline.url, "baseline-key", "eval_baseline")
     yield candidate, baseline

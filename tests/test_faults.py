@@ -120,7 +120,7 @@ def test_final_rewrite_is_atomic(endpoint, tmp_path, monkeypatch):
 
     monkeypatch.setattr("os.fsync", killed)
     with pytest.raises(KeyboardInterrupt):
-        from phi3flow.evaluation.compare import _write_predictions
+        from phi3flow.evaluation.predict import _write_predictions
 
         _write_predictions(out / "candidate.predictions.jsonl", {})
     assert (out / "candidate.predictions.jsonl").read_text() == before
