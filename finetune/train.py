@@ -49,7 +49,7 @@ from phi3flow.finetune.chat import (
 )
 from phi3flow.finetune import config
 from phi3flow.finetune.config import EMBEDDED, ConfigError, FinetuneArguments, FinetuneConfig
-from phi3flow.data.prepare import DataError, Row, read_jsonl
+from phi3flow.data.schema import DataError, Row, read_jsonl
 
 log = logging.getLogger("phi3flow.finetune")
 

@@ -15,7 +15,7 @@ from conftest import SECRET
 from phi3flow.connect import create_connection
 from phi3flow.evaluation import compare
 from phi3serve.contract import BATCH_SIZE_HEADER
-from phi3flow.data.prepare import sample_split
+from phi3flow.data.sample import sample_split
 from phi3flow.offline import stop_pf_service
 from phi3flow.deploy.serve import LocalEndpoint
 

@@ -15,6 +15,7 @@ import pytest
 from phi3flow import cli
 from phi3flow.evaluation.metrics import first_turn, reference_fact
 from phi3flow.data import prepare as data
+from phi3flow.data import sample, schema
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -28,37 +29,37 @@ def read_lines(path: Path) -> list[dict]:
 
 def test_ground_truth_of_a_multi_turn_row_answers_its_prompt(tmp_path: Path) -> None:
     turns = [("Capital of France?", "Paris."), ("And of Italy?", "Rome.")]
-    rows = [data.make_row([{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))])]
-    data.write_jsonl(rows, tmp_path / "rows.jsonl")
+    rows = [schema.make_row([{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))])]
+    schema.write_jsonl(rows, tmp_path / "rows.jsonl")
     line = json.loads((tmp_path / "rows.jsonl").read_text(encoding="utf-8"))
     assert (line["prompt"], line["ground_truth"]) == ("Capital of France?", "Paris.")
 
 
 def assert_schema(row: dict) -> None:
     assert set(row) == {"prompt", "prompt_id", "messages"}
-    assert data.row_problem(row) is None
+    assert schema.row_problem(row) is None
     assert row["prompt_id"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
     assert row["prompt"] == next(m["content"] for m in row["messages"] if m["role"] == "user")
 
 
 def test_sample_is_deterministic_distinct_and_in_schema() -> None:
-    rows = data.sample_rows(200, seed=1)
-    assert rows == data.sample_rows(200, seed=1)
-    assert rows != data.sample_rows(200, seed=2)
+    rows = sample.sample_rows(200, seed=1)
+    assert rows == sample.sample_rows(200, seed=1)
+    assert rows != sample.sample_rows(200, seed=2)
     assert len({row["prompt"] for row in rows}) == len(rows)
     for row in rows:
         assert_schema(row)
 
 
 def test_sample_has_multi_turn_rows() -> None:
-    rows = data.sample_rows()
+    rows = sample.sample_rows()
     assert any(sum(m["role"] == "assistant" for m in row["messages"]) > 1 for row in rows)
 
 
 @pytest.mark.parametrize("size", [0, 100_000])
 def test_sample_size_out_of_range(size: int) -> None:
-    with pytest.raises(data.DataError, match="sample size"):
-        data.sample_rows(size)
+    with pytest.raises(schema.DataError, match="sample size"):
+        sample.sample_rows(size)
 
 
 def numbers(text: str) -> set[str]:
@@ -68,7 +69,7 @@ def numbers(text: str) -> set[str]:
 @pytest.mark.parametrize("seed", [42, 7])
 def test_sample_test_split_holds_out_facts(seed: int) -> None:
     """Split by fact: no test answer, fact (capital, antonym, month, number) or country occurs anywhere in train."""
-    train, test = data.sample_split(seed=seed)
+    train, test = sample.sample_split(seed=seed)
     train_text = " ".join(m["content"] for row in train for m in row["messages"])
     train_answers = {m["content"] for row in train for m in row["messages"] if m["role"] == "assistant"}
     train_numbers = numbers(train_text)
@@ -78,7 +79,7 @@ def test_sample_test_split_holds_out_facts(seed: int) -> None:
         assert answer not in train_answers
         assert re.search(rf"\b{re.escape(fact)}\b", train_text.lower()) is None, (fact, question)
         assert not numbers(question + answer) & train_numbers, question
-        assert not any(country in question for country in data.CAPITALS if country in train_text)
+        assert not any(country in question for country in sample.CAPITALS if country in train_text)
     families = {"capital": 0, "opposite": 0, "month": 0, "plus": 0, "minus": 0}
     for row in test:
         families[next(f for f in families if f in row["prompt"])] += 1
@@ -87,8 +88,8 @@ def test_sample_test_split_holds_out_facts(seed: int) -> None:
 
 def test_every_sample_answer_is_checkable() -> None:
     """The only words an answer adds to its question are the fact it states (what `contains_fact` looks for)."""
-    facts = {*data.CAPITALS.values(), *data.OPPOSITES, *data.OPPOSITES.values(), *data.DAYS, *data.MONTHS}
-    for row in data.sample_rows():
+    facts = {*sample.CAPITALS.values(), *sample.OPPOSITES, *sample.OPPOSITES.values(), *sample.DAYS, *sample.MONTHS}
+    for row in sample.sample_rows():
         fact = reference_fact(first_turn(row["messages"], "user"), first_turn(row["messages"], "assistant"))
         assert fact, row["prompt"]
         assert " ".join(fact) in {f.lower() for f in facts} or (len(fact) == 1 and fact[0].isdigit()), (row["prompt"], fact)
@@ -98,11 +99,11 @@ def test_cli_sample_writes_reproducible_split(tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
     assert cli.main(["data", "--sample", "--output-dir", str(first)]) == 0
     assert data.main(["--sample", "--output-dir", str(second)]) == 0
-    train, test = read_lines(first / data.TRAIN_FILE), read_lines(first / data.TEST_FILE)
+    train, test = read_lines(first / schema.TRAIN_FILE), read_lines(first / schema.TEST_FILE)
     assert (len(train), len(test)) == (320, 80)
-    assert (train, test) == data.sample_split(400, 0.2, 42)
+    assert (train, test) == sample.sample_split(400, 0.2, 42)
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
-    for name in (data.TRAIN_FILE, data.TEST_FILE):
+    for name in (schema.TRAIN_FILE, schema.TEST_FILE):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     for row in train + test:
         assert_schema(row)
@@ -110,17 +111,17 @@ def test_cli_sample_writes_reproducible_split(tmp_path: Path) -> None:
 
 def test_split_sizes_and_seed() -> None:
     rows = [{"i": i} for i in range(10)]
-    train, test = data.split_rows(rows, 0.2, seed=3)
+    train, test = schema.split_rows(rows, 0.2, seed=3)
     assert (len(train), len(test)) == (8, 2)
     assert sorted(r["i"] for r in train + test) == list(range(10))
-    assert (train, test) == data.split_rows(rows, 0.2, seed=3)
-    assert (train, test) != data.split_rows(rows, 0.2, seed=4)
+    assert (train, test) == schema.split_rows(rows, 0.2, seed=3)
+    assert (train, test) != schema.split_rows(rows, 0.2, seed=4)
 
 
 @pytest.mark.parametrize("size", [0.0, 1.0, 0.99])
 def test_split_rejects_unusable_test_size(size: float) -> None:
-    with pytest.raises(data.DataError):
-        data.split_rows([{"i": i} for i in range(5)], size, seed=0)
+    with pytest.raises(schema.DataError):
+        schema.split_rows([{"i": i} for i in range(5)], size, seed=0)
 
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -143,8 +144,8 @@ def test_bad_rows_reported_with_line_numbers(tmp_path: Path) -> None:
         json.dumps([1, 2]),
         json.dumps({"messages": [{"role": "assistant", "content": "no user"}]}),
     ]
-    with pytest.raises(data.DataError) as info:
-        data.read_jsonl(write_file(tmp_path / "bad.jsonl", lines))
+    with pytest.raises(schema.DataError) as info:
+        schema.read_jsonl(write_file(tmp_path / "bad.jsonl", lines))
     message = str(info.value)
     assert "7 bad row(s)" in message
     for number in (2, 3, 5, 6, 7, 8, 9):
@@ -165,7 +166,7 @@ def test_from_jsonl_fills_schema_and_keeps_every_row(tmp_path: Path) -> None:
             for i in range(10)]
     source = write_file(tmp_path / "mine.jsonl", [json.dumps(r) for r in rows])
     assert data.main(["--from-jsonl", str(source), "--output-dir", str(tmp_path), "--test-size", "0.3"]) == 0
-    train, test = read_lines(tmp_path / data.TRAIN_FILE), read_lines(tmp_path / data.TEST_FILE)
+    train, test = read_lines(tmp_path / schema.TRAIN_FILE), read_lines(tmp_path / schema.TEST_FILE)
     assert (len(train), len(test)) == (7, 3)
     for row in train + test:
         assert_schema(row)
@@ -182,12 +183,12 @@ def test_a_file_not_in_utf8_is_one_clear_line_and_a_bom_is_fine(tmp_path: Path) 
                                                 f"{latin1.index(0xE9) + 1}); save the file as UTF-8"]
     with_bom = write_file(tmp_path / "bom.jsonl", [json.dumps(GOOD)])
     with_bom.write_bytes(b"\xef\xbb\xbf" + with_bom.read_bytes())
-    assert len(data.read_jsonl(with_bom)) == 1
+    assert len(schema.read_jsonl(with_bom)) == 1
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(data.DataError, match="no such file"):
-        data.read_jsonl(tmp_path / "absent.jsonl")
+    with pytest.raises(schema.DataError, match="no such file"):
+        schema.read_jsonl(tmp_path / "absent.jsonl")
 
 
 def test_offline_hub_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -207,7 +208,7 @@ def test_hub_offline_env_skips_the_network(monkeypatch: pytest.MonkeyPatch) -> N
 def test_ultrachat_rows_are_split_and_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The hub path with `datasets` stubbed: the requested dataset/config/split and the row schema."""
     calls = []
-    rows = [data.make_row([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}])
+    rows = [schema.make_row([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}])
             for i in range(20)]
 
     def load_dataset(name: str, config: str, split: str) -> list[dict]:
@@ -218,6 +219,6 @@ def test_ultrachat_rows_are_split_and_written(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
     assert data.main(["--output-dir", str(tmp_path)]) == 0
     assert calls == [("HuggingFaceH4/ultrachat_200k", "default", "train_sft[:1%]")]
-    train, test = read_lines(tmp_path / data.TRAIN_FILE), read_lines(tmp_path / data.TEST_FILE)
+    train, test = read_lines(tmp_path / schema.TRAIN_FILE), read_lines(tmp_path / schema.TEST_FILE)
     assert (len(train), len(test)) == (16, 4)
     assert sorted(train + test, key=lambda r: r["prompt"]) == sorted(rows, key=lambda r: r["prompt"])

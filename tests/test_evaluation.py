@@ -16,7 +16,7 @@ from phi3flow.evaluation import compare
 from phi3serve.contract import BATCH_INVARIANT_HEADER
 from phi3flow.evaluation import metrics
 from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
-from phi3flow.data.prepare import sample_rows, sample_split
+from phi3flow.data.sample import sample_rows, sample_split
 from phi3flow.offline import stop_pf_service
 
 QUESTION, REFERENCE = "What is the capital of Norway?", "The capital of Norway is Oslo."

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from conftest import PHI3_TARGETS, small_config, tiny_phi3
-from phi3flow.data import prepare as data
+from phi3flow.data import sample
 from phi3flow.finetune import chat, config, train
 
 QUESTIONS = ["What is the capital of Peru?", "What is 7 plus 5?", "Which day comes after Friday?"]
@@ -161,7 +161,7 @@ def test_packed_loss_equals_padded_loss(tokenizer) -> None:
     chat.ensure_distinct_pad(tok, end)
     model = tiny_phi3(len(tok))
     train.configure_for_training(model, tok)
-    features = [chat.tokenize_conversation(tok, row["messages"], 128, end) for row in data.sample_rows(4, seed=5)]
+    features = [chat.tokenize_conversation(tok, row["messages"], 128, end) for row in sample.sample_rows(4, seed=5)]
     assert len({len(f["input_ids"]) for f in features}) > 1  # lengths differ, so padding happens
     padded = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=chat.IGNORE_INDEX)(features)
     packed = DataCollatorWithFlattening()(features)
