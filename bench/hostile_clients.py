@@ -30,7 +30,7 @@ import psutil
 import requests
 
 from phi3flow.embedded import embedded_model_dir
-from phi3flow.deploy.serve import HOST, LocalEndpoint
+from phi3flow.serve import HOST, LocalEndpoint
 
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
                            "parameters": {"temperature": 0, "max_new_tokens": 8}}}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from phi3flow.connect import KEY_ENV
 from phi3flow.embedded import embedded_model_dir
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 
 
 def answered(log: Path) -> int:

@@ -22,7 +22,7 @@ import psutil
 import requests
 
 from phi3flow.embedded import embedded_model_dir
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 
 LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
                        "parameters": {"max_new_tokens": 4096, "temperature": 2.0}}}

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from phi3flow.client import EndpointClient
 from phi3flow.embedded import embedded_model_dir
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 
 COUNTRIES = ["France", "Japan", "Germany", "Egypt", "Kenya", "Canada", "Italy", "Spain"]
 SETUPS = {"naive": {"threads": 1, "env": {"PHI3FLOW_MAX_BATCH": "1"}}, "batched": {"threads": 32, "env": {"PHI3FLOW_MAX_BATCH": "16"}}}

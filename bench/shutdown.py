@@ -21,7 +21,7 @@ import time
 
 import requests
 
-from phi3flow.deploy.serve import HOST, check_port_free, free_port
+from phi3flow.serve import HOST, check_port_free, free_port
 from phi3serve.contract import DRAIN_ENV, KEY_ENV
 
 KEY = "bench-shutdown-key"

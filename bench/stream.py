@@ -29,7 +29,7 @@ import requests
 from phi3flow.client import EndpointClient
 from phi3flow.embedded import embedded_model_dir
 from phi3flow.offline import use_offline_defaults
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 from phi3serve.contract import DELTA_EVENT, DONE_EVENT, STREAM_MEDIA_TYPE
 
 TOPICS = ["France", "Japan", "the Moon", "photosynthesis", "the Nile", "volcanoes", "Mozart", "the Internet"]

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.local:
             from phi3flow.embedded import embedded_model_dir
-            from phi3flow.deploy.serve import LocalEndpoint
+            from phi3flow.serve import LocalEndpoint
 
             with LocalEndpoint(embedded_model_dir()) as local:
                 return run(EndpointChatClient(local.url, local.key))

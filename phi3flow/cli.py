@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "finetune": ("phi3flow.finetune.train", "train", "LoRA/QLoRA fine-tune a chat model"),
     "azure": ("phi3flow.azure", "azure", "submit fine-tuning, register and deploy on Azure Machine Learning"),
     "export": ("phi3flow.export", "onnx", "export a model or LoRA adapter to an ONNX Runtime GenAI folder (int4 by default)"),
-    "serve": ("phi3flow.deploy.serve", "serve", "serve a model locally under azmlinfsrv with the AzureML endpoint contract"),
+    "serve": ("phi3flow.serve", "serve", "serve a model locally under azmlinfsrv with the AzureML endpoint contract"),
     "connect": ("phi3flow.connect", None, "create the Prompt Flow CustomConnection for an endpoint"),
     "demo": ("phi3flow.demo", "serve", "end to end: local endpoint on the embedded model -> connection -> pf flow test"),
     "eval": ("phi3flow.evaluation.compare", "eval", "evaluate endpoints over test data and compare them"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from phi3flow.connect import DEFAULT_NAME, create_connection
 from phi3flow.offline import pf_executable, stop_pf_service, use_offline_defaults
-from phi3flow.deploy.serve import LocalEndpoint, resolve_model_dir
+from phi3flow.serve import LocalEndpoint, resolve_model_dir
 
 REPO_FLOW = Path(__file__).resolve().parent.parent / "flows" / "chat"
 

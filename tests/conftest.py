@@ -131,7 +131,7 @@ def pf(*args: str) -> subprocess.CompletedProcess:
 @contextmanager
 def served_locally(model_dir: Path, tmp_path_factory) -> Iterator:
     """`phi3flow serve` (azmlinfsrv + deploy/score.py) on a model with the test key; its log never holds the key."""
-    from phi3flow.deploy.serve import LocalEndpoint
+    from phi3flow.serve import LocalEndpoint
 
     log = tmp_path_factory.mktemp("server") / "server.log"
     with LocalEndpoint(model_dir, key=SECRET, log_file=log) as endpoint:
@@ -176,7 +176,7 @@ class PromptFlowHome:
 
     def start_service(self) -> None:
         """The local pf service on a free port (not the shared default 23333); its daemon keeps no pipe of ours."""
-        from phi3flow.deploy.serve import free_port
+        from phi3flow.serve import free_port
 
         subprocess.run([str(self.bin / "pf"), "service", "start", "--port", str(free_port())], env=self.env, timeout=120,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)

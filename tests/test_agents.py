@@ -180,7 +180,7 @@ def test_key_never_shown(endpoint, caplog):
 
 @pytest.fixture(scope="module")
 def local(embedded_dir):
-    from phi3flow.deploy.serve import LocalEndpoint
+    from phi3flow.serve import LocalEndpoint
 
     with LocalEndpoint(embedded_dir) as endpoint:
         yield endpoint

@@ -17,7 +17,7 @@ from phi3flow.evaluation import compare
 from phi3serve.contract import BATCH_SIZE_HEADER
 from phi3flow.data.sample import sample_split
 from phi3flow.offline import stop_pf_service
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 # float32 on a CPU: batch-invariant greedy decoding. A generous generation deadline: on a busy machine the default

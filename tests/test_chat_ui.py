@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from conftest import REPO, SECRET, PromptFlowHome, Reply, ScriptedEndpoint
-from phi3flow.deploy.serve import free_port
+from phi3flow.serve import free_port
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = REPO / "test-artifacts"  # screenshots and the pf commands' logs (gitignored)

@@ -49,7 +49,7 @@ def test_the_chat_flow_sends_parameters_the_contract_accepts():
 
 def test_the_scoring_script_and_the_clients_share_the_key_variable():
     from phi3flow import connect
-    from phi3flow.deploy import score
+    from phi3serve import scoring as score
 
     assert connect.KEY_ENV is contract.KEY_ENV and score.endpoint_key is contract.endpoint_key
 

@@ -20,10 +20,10 @@ import requests
 
 from conftest import SECRET
 from phi3flow import connect
-from phi3flow.deploy import serve
-from phi3flow.deploy.gunicorn_config import GRACE_S
-from phi3flow.deploy.gunicorn_worker import HEAD_TIMEOUT_S
-from phi3flow.deploy.serve import HOST, LocalEndpoint, free_port
+from phi3flow import serve
+from phi3serve.gunicorn_config import GRACE_S
+from phi3serve.gunicorn_worker import HEAD_TIMEOUT_S
+from phi3flow.serve import HOST, LocalEndpoint, free_port
 
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
                            "parameters": {"temperature": 0, "max_new_tokens": 8}}}

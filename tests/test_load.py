@@ -9,7 +9,7 @@ import requests
 
 from conftest import SECRET
 from phi3flow.client import EndpointClient
-from phi3flow.deploy.serve import LocalEndpoint
+from phi3flow.serve import LocalEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Germany": "Berlin", "Egypt": "Cairo", "Kenya": "Nairobi"}

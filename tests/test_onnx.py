@@ -11,7 +11,7 @@ import pytest
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'phi3flow[onnx]')")
 
-from phi3flow.deploy import score  # noqa: E402
+from phi3serve import scoring as score  # noqa: E402
 from phi3flow.cli import main  # noqa: E402
 from phi3flow.export import ExportError, export_onnx  # noqa: E402
 from phi3serve.contract import Busy, Expired  # noqa: E402

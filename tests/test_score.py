@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from phi3flow.deploy import score
+from phi3serve import scoring as score
 from phi3serve.contract import DEFAULTS, MAX_BODY_BYTES, BadRequest, GenerationFailed, Parameters, parse_request
 from phi3serve.engine import Job, ask
 from phi3serve.loop import LoopEngine

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phi3flow.deploy import score
+from phi3serve import scoring as score
 from phi3serve.loop import LoopEngine
 from phi3serve.model import ChatModel
 from phi3serve.contract import PARAMS, BadRequest, ChatRequest, parse_request

@@ -24,7 +24,7 @@ from promptflow.connections import CustomConnection
 from conftest import REPO, SECRET, Reply, pf, pf_connection, served_locally
 from phi3flow.client import EndpointClient, EndpointError, ServerSentEvent, parse_sse, to_messages
 from phi3flow.offline import pf_executable
-from phi3flow.deploy.serve import free_port
+from phi3flow.serve import free_port
 from phi3flow.tools.chat_endpoint import chat
 from phi3serve.contract import BATCH_SIZE_HEADER, STREAM_MEDIA_TYPE
 

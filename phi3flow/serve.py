@@ -25,16 +25,17 @@ import requests
 
 from phi3flow.connect import KEY_ENV, add_key_options, key_from
 from phi3flow.errors import Phi3flowError
-from phi3flow.deploy.gunicorn_config import GRACE_S, HOST_ENV
-from phi3flow.deploy.phi3serve.contract import drain_seconds
+from phi3serve.gunicorn_config import GRACE_S, HOST_ENV
+from phi3serve.contract import drain_seconds
 
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _score_script() -> Path:
-    """score.py from the installed package (editable or wheel), located without importing it (it imports torch)."""
-    return Path(importlib.util.find_spec("phi3flow.deploy.score").origin).resolve()
+    """The AzureML entry script, deploy/score.py, from the installed package (editable or wheel): azmlinfsrv loads it
+    by path, as in Azure."""
+    return (Path(importlib.util.find_spec("phi3flow.deploy").origin).parent / "score.py").resolve()
 
 
 def free_port() -> int:
@@ -72,7 +73,7 @@ def exec_tied_to_parent(parent: int, command: list[str]) -> None:
 def _tied_to_this_process(command: list[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return command  # elsewhere the server stops with us on Ctrl+C, SIGTERM and SIGHUP only
-    launcher = "import sys; from phi3flow.deploy.serve import exec_tied_to_parent; exec_tied_to_parent(int(sys.argv[1]), sys.argv[2:])"
+    launcher = "import sys; from phi3flow.serve import exec_tied_to_parent; exec_tied_to_parent(int(sys.argv[1]), sys.argv[2:])"
     return [sys.executable, "-c", launcher, str(os.getpid()), *command]
 
 
@@ -110,7 +111,7 @@ class LocalEndpoint:
         env = dict(os.environ)
         env.update(
             AZUREML_MODEL_DIR=str(self.model_dir),
-            GUNICORN_CMD_ARGS=f"-c python:phi3flow.deploy.gunicorn_config --threads {self.threads} {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
+            GUNICORN_CMD_ARGS=f"-c python:phi3serve.gunicorn_config --threads {self.threads} {env.get('GUNICORN_CMD_ARGS', '')}".strip(),
             WORKER_COUNT=str(self.workers),
             AML_APP_ROOT=str(_score_script().parent),
         )

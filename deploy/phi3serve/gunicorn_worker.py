@@ -35,8 +35,8 @@ from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
-from phi3flow.deploy.phi3serve import openai
-from phi3flow.deploy.phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized, endpoint_key
+from phi3serve import openai
+from phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized, endpoint_key
 
 HEAD_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0

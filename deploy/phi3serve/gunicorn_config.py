@@ -1,10 +1,10 @@
 """Gunicorn settings and hooks for the azmlinfsrv that `phi3flow serve` runs (loaded through
-`GUNICORN_CMD_ARGS="-c python:phi3flow.deploy.gunicorn_config"`; command-line flags, such as azmlinfsrv's own, win).
+`GUNICORN_CMD_ARGS="-c python:phi3serve.gunicorn_config"`; command-line flags, such as azmlinfsrv's own, win).
 
 - Loopback only: azmlinfsrv hard-codes `-b 0.0.0.0:PORT`, which outranks every config source; `on_starting` runs
   before the listening sockets are created, so it can still rebind them.
 - Idle and slow clients cannot hold worker threads: a worker that reads request heads without threads
-  (phi3flow.deploy.gunicorn_worker).
+  (phi3serve.gunicorn_worker).
 - Stopping (SIGTERM) is graceful and bounded: requests in flight have the scoring script's drain time
   ($PHI3FLOW_DRAIN_S, 10 s by default) to finish or get a 503; gunicorn waits GRACE_S longer for its worker.
 - Keys sent in a query string never reach the log: neither gunicorn's access log nor azmlinfsrv's request lines
@@ -18,12 +18,12 @@ import math
 import os
 import re
 
-from phi3flow.deploy.phi3serve.contract import drain_seconds
+from phi3serve.contract import drain_seconds
 
 HOST_ENV = "PHI3FLOW_BIND_HOST"
 GRACE_S = 5  # beyond the drain time: the 503s are written and the worker exits
 
-worker_class = "phi3flow.deploy.gunicorn_worker.HeadFirstWorker"
+worker_class = "phi3serve.gunicorn_worker.HeadFirstWorker"
 # gunicorn 25+ opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): two local servers
 # would share it, and nothing here uses it.
 control_socket_disable = True
