@@ -25,7 +25,7 @@ from phi3serve.model import ChatModel
 from phi3serve.rope import row_rotary
 
 log = logging.getLogger("azmlinfsrv.score")
-PREFILL_CHUNK = 256  # prompt tokens per forward pass beyond which a prompt is prefilled in chunks between decode steps
+PREFILL_CHUNK = 128  # prompt tokens per forward pass beyond which a prompt is prefilled in chunks between decode steps
 
 
 class DecodeState:
@@ -217,8 +217,10 @@ class Decoder:
                 if pending and (state is None or debt <= 0):
                     began = time.perf_counter()
                     ready = pending[0].advance(self, self.chunk)
-                    if state is not None:  # time taken from running rows, paid back by their next steps
-                        debt += (time.perf_counter() - began) * (1 - self.prefill_share) / self.prefill_share
+                    owed = (time.perf_counter() - began) * (1 - self.prefill_share) / self.prefill_share
+                    # paid back by the running rows' next steps; with none running, rows that join next get one
+                    # chunk's worth of steps before the next chunk
+                    debt = debt + owed if state is not None else owed
                     if ready is not None:
                         pending.popleft()
                         state = self._merge(state, (yield from self._advance(ready)))
