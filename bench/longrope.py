@@ -27,7 +27,8 @@ from conftest import build_longrope_phi3  # noqa: E402
 from phi3serve.contract import parse_request  # noqa: E402
 from phi3serve.engine import Job  # noqa: E402
 from phi3serve.loop import Decoder  # noqa: E402
-from phi3serve.model import DTYPE_ENV, ChatModel  # noqa: E402
+from phi3serve.model import ChatModel  # noqa: E402
+from phi3serve.settings import ENV  # noqa: E402
 
 PROMPT = "Write a short story about a lonely fox lost in the Arctic snow."  # 44 tokens; 48 new ones cross 64
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    os.environ[DTYPE_ENV] = "float32"
+    os.environ[ENV["dtype"]] = "float32"
     with tempfile.TemporaryDirectory() as folder:
         chat = ChatModel.load(build_longrope_phi3(Path(folder)))
     run(chat, args.rows, True)  # warm-up

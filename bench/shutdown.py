@@ -22,7 +22,10 @@ import time
 import requests
 
 from phi3flow.serve import HOST, check_port_free, free_port
-from phi3serve.contract import DRAIN_ENV, KEY_ENV
+from phi3serve.contract import KEY_ENV
+from phi3serve.settings import ENV
+
+DRAIN_ENV = ENV["drain_s"]
 
 KEY = "bench-shutdown-key"
 

@@ -26,7 +26,7 @@ import requests
 from phi3flow.connect import KEY_ENV, add_key_options, key_from
 from phi3flow.errors import Phi3flowError
 from phi3serve.gunicorn_config import GRACE_S, HOST_ENV
-from phi3serve.contract import drain_seconds
+from phi3serve.settings import Settings
 
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -156,7 +156,7 @@ class LocalEndpoint:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=drain_seconds(self.environment()) + GRACE_S + 10)
+                self.process.wait(timeout=Settings.from_env(self.environment()).drain_s + GRACE_S + 10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()

@@ -49,9 +49,9 @@ def test_the_chat_flow_sends_parameters_the_contract_accepts():
 
 def test_the_scoring_script_and_the_clients_share_the_key_variable():
     from phi3flow import connect
-    from phi3serve import scoring as score
+    from phi3serve.settings import ENV
 
-    assert connect.KEY_ENV is contract.KEY_ENV and score.endpoint_key is contract.endpoint_key
+    assert connect.KEY_ENV is contract.KEY_ENV is ENV["key"]
 
 
 @pytest.mark.parametrize(("authorization", "api_key", "expected"), [
@@ -62,17 +62,6 @@ def test_one_key_check_for_the_scoring_script_and_the_worker(authorization, api_
     """Header values as WSGI (text) or the worker (bytes) gives them; an open endpoint lets everything through."""
     assert contract.authorized(b"k3y", authorization, api_key) is expected
     assert contract.authorized(None, authorization, api_key) is True
-
-
-@pytest.mark.parametrize(("value", "expected"), [(None, contract.DRAIN_S), ("2.5", 2.5), ("0", 0.0), ("-1", None),
-                                                 ("nan", None), ("soon", None), ("99999", None)])
-def test_the_drain_time_comes_from_one_variable(value, expected):
-    environ = {} if value is None else {contract.DRAIN_ENV: value}
-    if expected is None:
-        with pytest.raises(RuntimeError, match=contract.DRAIN_ENV):
-            contract.drain_seconds(environ)
-    else:
-        assert contract.drain_seconds(environ) == expected
 
 
 def test_pf_tool_validate_accepts_the_tool_package(tmp_path: Path):

@@ -19,7 +19,8 @@ from conftest import LONGROPE_ORIGINAL
 from phi3serve.contract import parse_request
 from phi3serve.engine import Job
 from phi3serve.loop import Decoder, LoopEngine
-from phi3serve.model import DTYPE_ENV, ChatModel
+from phi3serve.model import ChatModel
+from phi3serve.settings import ENV
 
 pytestmark = pytest.mark.model
 
@@ -41,7 +42,7 @@ def job(model: ChatModel, question: str, max_new_tokens: int) -> Job:
 
 @pytest.fixture(scope="module")
 def chat(longrope_model_dir: Path, monkeypatch_module) -> ChatModel:
-    monkeypatch_module.setenv(DTYPE_ENV, "float32")
+    monkeypatch_module.setenv(ENV["dtype"], "float32")
     return ChatModel.load(longrope_model_dir)
 
 
@@ -133,7 +134,7 @@ def test_on_cuda_both_engines_answer_as_generate_across_the_switch(longrope_mode
     from phi3serve.continuous import ContinuousEngine
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv(DTYPE_ENV, "float32")
+    monkeypatch.setenv(ENV["dtype"], "float32")
     model = ChatModel.load(longrope_model_dir)
     assert model.device.type == "cuda"
     reference = AutoModelForCausalLM.from_pretrained(longrope_model_dir, dtype=torch.float32).to("cuda").eval()

@@ -225,10 +225,11 @@ def test_adapter_and_merged_model_serve_the_same_answer(trained, monkeypatch: py
     from phi3serve.contract import ChatRequest, Parameters
     from phi3serve.engine import ask
     from phi3serve.loop import LoopEngine
-    from phi3serve.model import DTYPE_ENV, ChatModel
+    from phi3serve.model import ChatModel
+    from phi3serve.settings import ENV
 
     name, folder, cfg = trained
-    monkeypatch.setenv(DTYPE_ENV, "float32")  # greedy answers comparable across the two loads
+    monkeypatch.setenv(ENV["dtype"], "float32")  # greedy answers comparable across the two loads
     request = ChatRequest(CONVERSATION[:2], Parameters(do_sample=False, max_new_tokens=6))
     answers = []
     for source in (Path(cfg.output_dir), Path(cfg.output_dir) / train.MERGED_DIR):

@@ -15,7 +15,8 @@ from phi3serve import scoring as score
 from phi3serve.contract import DEFAULTS, MAX_BODY_BYTES, BadRequest, GenerationFailed, Parameters, parse_request
 from phi3serve.engine import Job, ask
 from phi3serve.loop import LoopEngine
-from phi3serve.model import DTYPE_ENV, ChatModel, find_model_folder
+from phi3serve.model import ChatModel, find_model_folder
+from phi3serve.settings import ENV
 
 
 def body(turns=None, **params) -> bytes:
@@ -235,7 +236,7 @@ QUESTIONS = [f"What is the capital of {c}?" for c in ("France", "Japan", "German
 @pytest.fixture(scope="module")
 def fp32_model(embedded_dir):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(DTYPE_ENV, "float32")
+        patch.setenv(ENV["dtype"], "float32")
         return ChatModel.load(embedded_dir)
 
 

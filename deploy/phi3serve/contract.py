@@ -13,8 +13,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,9 +22,6 @@ KEY_HEADERS = "'Authorization: Bearer <key>' or 'api-key: <key>'"  # how clients
 # otherwise let every request grow a KV cache the GPU cannot hold for many requests (`phi3flow azure deploy` sets it
 # per model in the deployment; phi3serve.model applies it).
 MAX_CONTEXT_ENV = "PHI3FLOW_MAX_CONTEXT"
-# Seconds a stopping server (SIGTERM) gives the requests in flight: then those still generating get a 503. gunicorn's
-# graceful_timeout must exceed it (phi3flow's gunicorn settings take it from here).
-DRAIN_ENV, DRAIN_S = "PHI3FLOW_DRAIN_S", 10
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant")
 GREEDY_BELOW = 1e-3  # temperatures under this decode greedily (dividing logits by ~0 overflows)
@@ -166,28 +161,6 @@ DEFAULTS = Parameters()
 class ChatRequest:
     messages: list[dict[str, str]]
     params: Parameters
-
-
-def endpoint_key() -> bytes | None:
-    """The key requests must carry ($PHI3FLOW_ENDPOINT_KEY), None when unset (an open endpoint).
-
-    Read by the scoring script and by the gunicorn worker, which checks it before reading a body."""
-    key = os.environ.get(KEY_ENV)
-    if key is not None and (not key.strip() or key != key.strip()):
-        raise RuntimeError(f"{KEY_ENV} is empty or has surrounding whitespace: give the key exactly, or unset it")
-    return key.encode() if key else None
-
-
-def drain_seconds(environ: Mapping[str, str] = os.environ) -> float:
-    """$PHI3FLOW_DRAIN_S, else DRAIN_S: how long a stopping server lets requests in flight finish."""
-    value = environ.get(DRAIN_ENV, str(DRAIN_S))
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds <= 3600:
-        raise RuntimeError(f"{DRAIN_ENV} must be a number of seconds from 0 to 3600, got {value!r}")
-    return seconds
 
 
 def authorized(key: bytes | None, authorization: str | bytes | None, api_key: str | bytes | None) -> bool:

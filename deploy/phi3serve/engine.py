@@ -8,7 +8,6 @@ loop on a CPU (measured faster there), or what $PHI3FLOW_ENGINE names; an ONNX f
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -18,9 +17,9 @@ from typing import Protocol
 
 from phi3serve.contract import Busy, ChatRequest, Parameters
 from phi3serve.model import ChatModel
+from phi3serve.settings import ENV, Settings
 
-ENGINE_ENV = "PHI3FLOW_ENGINE"  # auto (default), loop or continuous
-ENGINES = ("auto", "loop", "continuous")
+ENGINE_ENV = ENV["engine"]
 
 
 @dataclass
@@ -137,11 +136,10 @@ def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float
     return job.future.result(timeout=timeout_s + 5), dropped
 
 
-def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float) -> Engine:
-    """The engine $PHI3FLOW_ENGINE names, else continuous batching on CUDA and the decode loop on CPU."""
-    choice = os.environ.get(ENGINE_ENV, "auto")
-    if choice not in ENGINES:
-        raise RuntimeError(f"{ENGINE_ENV} must be one of {', '.join(ENGINES)}, got {choice!r}")
+def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float, choice: str | None = None) -> Engine:
+    """The engine `choice` ($PHI3FLOW_ENGINE; read from the environment when not given) names, else continuous batching
+    on CUDA and the decode loop on CPU."""
+    choice = choice or Settings.from_env().engine
     if model.onnx:  # an ONNX Runtime GenAI folder has one engine: onnxruntime-genai's
         if choice != "auto":
             raise RuntimeError(f"{ENGINE_ENV}={choice} needs a Hugging Face model folder; this one is ONNX (unset it)")

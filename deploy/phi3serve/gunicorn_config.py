@@ -15,26 +15,26 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 
-from phi3serve.contract import drain_seconds
+from phi3serve.settings import ENV, Settings
 
-HOST_ENV = "PHI3FLOW_BIND_HOST"
+HOST_ENV = ENV["bind_host"]
+SETTINGS = Settings.from_env()  # the same settings the scoring code reads in each worker
 GRACE_S = 5  # beyond the drain time: the 503s are written and the worker exits
 
 worker_class = "phi3serve.gunicorn_worker.HeadFirstWorker"
 # gunicorn 25+ opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): two local servers
 # would share it, and nothing here uses it.
 control_socket_disable = True
-graceful_timeout = math.ceil(drain_seconds()) + GRACE_S  # then gunicorn kills the worker (SIGKILL); a whole number
+graceful_timeout = math.ceil(SETTINGS.drain_s) + GRACE_S  # then gunicorn kills the worker (SIGKILL); a whole number
 # gunicorn's default is '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'; %(r)s holds the query string.
 # The request line stays `"METHOD /path HTTP/1.1"`: azmlinfsrv's filter drops health checks by it.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(L)ss'
 
 
 def on_starting(server) -> None:
-    host = os.environ.get(HOST_ENV, "127.0.0.1")
+    host = SETTINGS.bind_host
     ports = [address.rsplit(":", 1)[1] for address in server.cfg.bind]
     server.cfg.set("bind", [f"{host}:{port}" for port in ports])
 

@@ -15,7 +15,7 @@ without threads, and hands a connection to a thread only once its request has ar
 - Each write of the answer waits for the client at most WRITE_TIMEOUT_S.
 - Stopping (SIGTERM): the listening sockets close at once (the port is free when the arbiter has closed its copy
   too), requests that arrive whole meanwhile get a 503, kept-alive connections close within 2 s, and the requests
-  in flight finish or get the scoring script's 503 within its drain time (phi3serve.contract.drain_seconds).
+  in flight finish or get the scoring script's 503 within its drain time (phi3serve.settings: PHI3FLOW_DRAIN_S).
 
 Answers the worker gives itself close the connection after lingering up to LINGER_S (up to MAX_DRAIN_BYTES the
 client still sends are read and dropped, so the answer is not lost to a reset). Plain HTTP/1.1 only (as azmlinfsrv serves it; TLS
@@ -36,7 +36,8 @@ from functools import partial
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
 from phi3serve import openai
-from phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized, endpoint_key
+from phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized
+from phi3serve.settings import Settings
 
 HEAD_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
@@ -157,7 +158,7 @@ class HeadFirstWorker(ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.key = endpoint_key()
+        self.key = Settings.from_env().key_bytes
         self.arriving: set[TConn] = set()  # connections whose request is on its way
         self.closing: set[TConn] = set()  # answered by the worker: drained until LINGER_S, then closed
 

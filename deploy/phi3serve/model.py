@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from phi3serve.contract import MAX_CONTEXT_ENV, BadRequest
+from phi3serve.settings import ENV, Settings
 
 log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
 
-BASE_MODEL_ENV = "PHI3FLOW_BASE_MODEL"  # overrides an adapter's base model
-DTYPE_ENV = "PHI3FLOW_DTYPE"  # auto (default), float32, bfloat16 or float16
 METADATA_FILE = "phi3flow_metadata.json"  # written by `phi3flow finetune` beside the adapter
 ONNX_CONFIG = "genai_config.json"  # an ONNX Runtime GenAI folder (`phi3flow export onnx`): served by phi3serve.onnx_engine
 _SENTINEL = "phi3flow-sentinel-answer"
@@ -36,12 +35,10 @@ def find_model_folder(root: Path) -> Path:
                             f"(adapter_config.json) or an ONNX Runtime GenAI folder ({ONNX_CONFIG})")
 
 
-def choose_dtype(cuda: bool) -> torch.dtype:
-    """$PHI3FLOW_DTYPE, else bf16 where the hardware computes it natively (most GPUs; CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs."""
-    name = os.environ.get(DTYPE_ENV, "auto")
+def choose_dtype(cuda: bool, name: str = "auto") -> torch.dtype:
+    """`name` ($PHI3FLOW_DTYPE), else bf16 where the hardware computes it natively (most GPUs; CPUs with AVX512-BF16 or
+    AMX), else fp16 on older GPUs and fp32 on other CPUs."""
     if name != "auto":
-        if name not in ("float32", "bfloat16", "float16"):
-            raise RuntimeError(f"{DTYPE_ENV} must be auto, float32, bfloat16 or float16, got {name!r}")
         return getattr(torch, name)
     if cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -134,32 +131,36 @@ class ChatModel:
 
     onnx = False  # True for an ONNX Runtime GenAI model (phi3serve.onnx_engine.OnnxChatModel)
 
-    def __init__(self, model: Any, tokenizer: Any, end_of_turn: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, end_of_turn: str | None = None, max_context: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.context = _capped(int(getattr(model.config, "max_position_embeddings", 0) or 4096))
+        self.context = capped(int(getattr(model.config, "max_position_embeddings", 0) or 4096), max_context)
         self.stop_ids = stop_ids(tokenizer, end_of_turn, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike) -> "ChatModel":
-        """A Hugging Face folder, or a LoRA adapter merged onto its base at load (serving then costs no adapter math)."""
+    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> "ChatModel":
+        """A Hugging Face folder, or a LoRA adapter merged onto its base at load (serving then costs no adapter math).
+
+        `settings` (the server's, read once at start-up; else this process's environment) give the device, dtype,
+        context cap and base-model override."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        settings = settings or Settings.from_env()
         folder = find_model_folder(Path(model_dir))
         if (folder / ONNX_CONFIG).is_file():
             from phi3serve.onnx_engine import OnnxChatModel
 
-            return OnnxChatModel.load(folder)
-        cuda = torch.cuda.is_available()
+            return OnnxChatModel.load(folder, settings)
+        cuda = use_cuda(settings.device)
         metadata = read_json(folder / METADATA_FILE) or {}
         adapter = read_json(folder / "adapter_config.json")
         base: str | Path = folder
         if adapter is not None:
-            base = os.environ.get(BASE_MODEL_ENV) or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda), attn_implementation="sdpa")
+            base = settings.base_model or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda, settings.dtype), attn_implementation="sdpa")
         if adapter is not None:
             from peft import PeftModel
 
@@ -169,7 +170,7 @@ class ChatModel:
         tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
         if cuda:
             model = model.to("cuda")
-        return cls(model, tokenizer, metadata.get("end_of_turn_token"))
+        return cls(model, tokenizer, metadata.get("end_of_turn_token"), settings.max_context)
 
     def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt, dropping the oldest turns (after the system prompt) if needed: (ids, turns dropped).
@@ -218,16 +219,22 @@ class ChatModel:
         return text.strip()
 
 
-def _capped(model_context: int) -> int:
-    """The model's context, capped by $PHI3FLOW_MAX_CONTEXT when that is set."""
-    value = os.environ.get(MAX_CONTEXT_ENV)
-    if value is None:
+def capped(model_context: int, cap: int | None) -> int:
+    """The model's context, capped by $PHI3FLOW_MAX_CONTEXT (`cap`) when that is set."""
+    if cap is None:
         return model_context
-    if not value.isdigit() or int(value) < 1:
-        raise RuntimeError(f"{MAX_CONTEXT_ENV} must be a whole number >= 1, got {value!r}")
-    if int(value) < model_context:
-        log.info("Context capped at %s tokens by %s (the model's own: %d)", value, MAX_CONTEXT_ENV, model_context)
-    return min(model_context, int(value))
+    if cap < model_context:
+        log.info("Context capped at %d tokens by %s (the model's own: %d)", cap, MAX_CONTEXT_ENV, model_context)
+    return min(model_context, cap)
+
+
+def use_cuda(device: str) -> bool:
+    """Whether to generate on CUDA: where available (auto), never (cpu), or required (cuda: a GPU deployment whose
+    driver or CUDA build does not match must fail at start-up, not serve on the CPU at a hundredth of the speed)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{ENV['device']}=cuda but CUDA is not available to torch {torch.__version__} (built for CUDA "
+                           f"{torch.version.cuda or 'none: a CPU build'}); check the GPU driver and the image, or unset {ENV['device']}")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def read_json(path: Path) -> dict | None:

@@ -26,7 +26,8 @@ import torch
 from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.loop import pick, row_settings
-from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, _capped, read_json, stop_ids
+from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, capped, read_json, stop_ids
+from phi3serve.settings import Settings
 
 log = logging.getLogger("azmlinfsrv.score")
 KEEP_ROOM = 256  # spare tokens in a single row's cache, for a next request that shares its prefix
@@ -51,9 +52,9 @@ class OnnxChatModel(ChatModel):
 
     onnx = True
 
-    def __init__(self, folder: Path, tokenizer: Any, config: dict, metadata: dict):
+    def __init__(self, folder: Path, tokenizer: Any, config: dict, metadata: dict, max_context: int | None = None):
         self.folder, self.model, self.tokenizer = folder, None, tokenizer  # the ONNX model is loaded by OnnxEngine
-        self.context = _capped(int(config["model"].get("context_length") or 4096))
+        self.context = capped(int(config["model"].get("context_length") or 4096), max_context)
         self.stop_ids = stop_ids(tokenizer, metadata.get("end_of_turn_token"), config["model"].get("eos_token_id"))
         self.pad_id = config["model"]["pad_token_id"]  # what the library masks when it trails a row of a batch
         providers = json.dumps(config["model"]["decoder"].get("session_options", {}).get("provider_options", []))
@@ -66,7 +67,7 @@ class OnnxChatModel(ChatModel):
         return self.rope_switch is not None and length > self.rope_switch
 
     @classmethod
-    def load(cls, folder: Path) -> "OnnxChatModel":
+    def load(cls, folder: Path, settings: Settings | None = None) -> "OnnxChatModel":
         from transformers import AutoTokenizer
 
         try:
@@ -74,7 +75,8 @@ class OnnxChatModel(ChatModel):
         except ImportError:
             raise RuntimeError(f"{folder} is an ONNX Runtime GenAI model; serving it needs {INSTALL_HINT}") from None
         config = json.loads((folder / ONNX_CONFIG).read_text(encoding="utf-8"))
-        return cls(folder, AutoTokenizer.from_pretrained(folder), config, read_json(folder / METADATA_FILE) or {})
+        max_context = (settings or Settings.from_env()).max_context
+        return cls(folder, AutoTokenizer.from_pretrained(folder), config, read_json(folder / METADATA_FILE) or {}, max_context)
 
 
 class OnnxEngine(Bounded):

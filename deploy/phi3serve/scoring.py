@@ -28,20 +28,19 @@ from werkzeug.exceptions import ClientDisconnected
 
 from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT,
                                 MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest,
-                                ChatRequest, DRAIN_S, ServingError, ShuttingDown, Unavailable, authorized, drain_seconds, endpoint_key,
+                                ChatRequest, ServingError, ShuttingDown, Unavailable, authorized,
                                 parse_request)
 from phi3serve import openai
 from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
+from phi3serve.settings import ENV, Settings
 
 log = logging.getLogger("azmlinfsrv.score")  # a child of the server's logger, so it reaches its log handler
 
-# Batching (see phi3serve.loop / phi3serve.continuous); PHI3FLOW_MAX_BATCH=1 gives the naive one-at-a-time path.
-MAX_BATCH_ENV, MAX_QUEUE_ENV, BATCH_WAIT_ENV = "PHI3FLOW_MAX_BATCH", "PHI3FLOW_MAX_QUEUE", "PHI3FLOW_BATCH_WAIT_MS"
 # Seconds a request may take before the server stops its generation: match request_timeout_ms of the deployment,
 # since AzureML's gateway answers 408 at that point while the container would otherwise keep generating.
-TIMEOUT_ENV = "PHI3FLOW_REQUEST_TIMEOUT_S"
-MAX_NEW_TOKENS_ENV = "PHI3FLOW_MAX_NEW_TOKENS"  # the most new tokens one request may ask for
+TIMEOUT_ENV = ENV["request_timeout_s"]
+MAX_NEW_TOKENS_ENV = ENV["max_new_tokens"]  # the most new tokens one request may ask for
 WATCHDOG_S = 2.0
 
 _model: ChatModel | None = None
@@ -50,24 +49,23 @@ _key: bytes | None = None
 _model_name = "phi3flow"  # the id OpenAI clients see (GET /v1/models)
 _timeout_s: float = 90.0
 _max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
-_drain_s: float = DRAIN_S  # $PHI3FLOW_DRAIN_S, read by init()
+_drain_s: float = Settings.drain_s  # $PHI3FLOW_DRAIN_S, read by init()
 _drain_deadline = math.inf  # once the server is stopping (SIGTERM): when answers still generating get a 503
 
 
 def init() -> None:
-    """Called once per worker by the inference server: load the model from AZUREML_MODEL_DIR, start the engine."""
+    """Called once per worker by the inference server: read the settings (once), load the model from
+    AZUREML_MODEL_DIR, start the engine."""
     global _model, _key, _engine, _timeout_s, _max_new_tokens, _model_name, _drain_s
-    _key = endpoint_key()
-    _drain_s = drain_seconds()
-    model_dir = os.environ.get("AZUREML_MODEL_DIR")
-    if not model_dir:
+    settings = Settings.from_env()
+    if not settings.model_dir:
         raise RuntimeError("AZUREML_MODEL_DIR is not set: point it at a model folder (phi3flow serve --model-dir DIR)")
-    _timeout_s = float(_env_int(TIMEOUT_ENV, 90))
-    _max_new_tokens = _env_int(MAX_NEW_TOKENS_ENV, _max_new_tokens)
-    _model = ChatModel.load(model_dir)
-    _model_name = openai.served_name(model_dir)
-    _engine = engine_for(_model, max_batch=_env_int(MAX_BATCH_ENV, 16), max_queue=_env_int(MAX_QUEUE_ENV, 16),
-                         wait_s=_env_int(BATCH_WAIT_ENV, 50) / 1000)
+    _key, _drain_s = settings.key_bytes, settings.drain_s
+    _timeout_s, _max_new_tokens = float(settings.request_timeout_s), settings.max_new_tokens
+    _model = ChatModel.load(settings.model_dir, settings)
+    _model_name = openai.served_name(settings.model_dir)
+    _engine = engine_for(_model, max_batch=settings.max_batch, max_queue=settings.max_queue, wait_s=settings.batch_wait_s,
+                         choice=settings.engine)
     threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
     drain_on_sigterm()
     log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
@@ -113,13 +111,6 @@ def _drained(job: Job) -> None:
     if time.monotonic() > _drain_deadline:
         job.cancel()
         raise ShuttingDown("the server is shutting down and stopped this generation; ask again")
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    if not value.isdigit() or int(value) < 1:
-        raise RuntimeError(f"{name} must be a whole number >= 1, got {value!r}")
-    return int(value)
 
 
 def submit(body: bytes | ChatRequest, stream: bool = False) -> tuple[Job, int]:

@@ -34,6 +34,7 @@ class Settings:
     batch_wait_ms: int = 50
     request_timeout_s: int = 90
     max_new_tokens: int = int(PARAMS["max_new_tokens"].high)
+    drain_s: float = 10.0  # on SIGTERM, how long requests in flight may finish before they get a 503
     bind_host: str = "127.0.0.1"  # where `phi3flow serve` listens (azmlinfsrv alone binds 0.0.0.0)
 
     @classmethod
@@ -47,6 +48,8 @@ class Settings:
                 continue
             if field.type == "int" or field.type == "int | None":
                 values[field.name] = _whole(ENV[field.name], raw)
+            elif field.type == "float":
+                values[field.name] = _seconds(ENV[field.name], raw)
             else:
                 values[field.name] = raw
         settings = cls(**values)
@@ -64,6 +67,11 @@ class Settings:
     def batch_wait_s(self) -> float:
         return self.batch_wait_ms / 1000
 
+    @property
+    def key_bytes(self) -> bytes | None:
+        """The key as the checks compare it (phi3serve.contract.authorized)."""
+        return self.key.encode() if self.key else None
+
 
 # The environment variable of each field: the documented names, in one table.
 ENV: dict[str, str] = {
@@ -79,8 +87,19 @@ ENV: dict[str, str] = {
     "batch_wait_ms": "PHI3FLOW_BATCH_WAIT_MS",
     "request_timeout_s": "PHI3FLOW_REQUEST_TIMEOUT_S",
     "max_new_tokens": "PHI3FLOW_MAX_NEW_TOKENS",
+    "drain_s": "PHI3FLOW_DRAIN_S",
     "bind_host": "PHI3FLOW_BIND_HOST",
 }
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise RuntimeError(f"{name} must be a number of seconds from 0 to 3600, got {value!r}")
+    return seconds
 
 
 def _whole(name: str, value: str) -> int:
