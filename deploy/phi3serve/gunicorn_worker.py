@@ -33,6 +33,8 @@ import socket
 import time
 from functools import partial
 
+from gunicorn.http.parser import Parser
+from gunicorn.http.unreader import Unreader
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
 from phi3serve import openai
@@ -153,14 +155,44 @@ class ClientSocket(socket.socket):
         super().sendall(data, flags)
 
 
+class Conn(TConn):
+    """gunicorn's connection, with the state of a request while it arrives in the worker's event loop (accept() makes them)."""
+
+    def __init__(self, cfg, sock: ClientSocket, client, server):
+        super().__init__(cfg, sock, client, server)
+        self.received = bytearray()  # the request's bytes so far (emptied once the parser or a refusal has them)
+        self.needed: int | None = None  # bytes that make the request, once the head says
+        self.chunked: ChunkedBody | None = None  # where a chunked body ends, once the head says it is chunked
+        self.started = 0.0  # when the request began to arrive (time.monotonic())
+        self.drained = 0  # bytes read and dropped after the worker's own answer
+
+    @staticmethod
+    def of(conn: TConn) -> Conn:
+        """gunicorn hands this worker's connections back typed as its TConn: they are all Conns."""
+        if not isinstance(conn, Conn):
+            raise TypeError(f"not a connection of this worker: {conn!r}")
+        return conn
+
+    def expired(self, now: float) -> bool:
+        """Past the deadline the worker set when it took the connection into `arriving` or `closing`."""
+        return self.timeout is not None and self.timeout <= now
+
+
+def _unreader(conn: TConn) -> Unreader:
+    """The read-ahead buffer of the connection's HTTP/1 parser (init() makes one: this worker serves HTTP/1 only)."""
+    if not isinstance(conn.parser, Parser):
+        raise TypeError(f"not an HTTP/1 parser: {conn.parser!r}")
+    return conn.parser.unreader
+
+
 class HeadFirstWorker(ThreadWorker):
     """gthread, except that a connection gets a thread only once its request has arrived (see the module's doc)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.key = Settings.from_env().key_bytes
-        self.arriving: set[TConn] = set()  # connections whose request is on its way
-        self.closing: set[TConn] = set()  # answered by the worker: drained until LINGER_S, then closed
+        self.arriving: set[Conn] = set()  # connections whose request is on its way
+        self.closing: set[Conn] = set()  # answered by the worker: drained until LINGER_S, then closed
 
     def accept(self, listener) -> None:
         try:
@@ -170,35 +202,35 @@ class HeadFirstWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        self._await_request(TConn(self.cfg, ClientSocket.adopt(sock), client, listener.getsockname()))
+        self._await_request(Conn(self.cfg, ClientSocket.adopt(sock), client, listener.getsockname()))
 
     def on_client_socket_readable(self, conn: TConn, client) -> None:
         """A kept-alive connection starts its next request: it arrives under the same rules."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self._await_request(conn)
+        self._await_request(conn := Conn.of(conn))
         self._read_request(conn, client)  # readable now: a stopping worker must not take it for an idle connection
 
     def finish_request(self, conn: TConn, fs) -> None:
         """A request pipelined behind the one just answered arrives under the same rules, not in the thread."""
-        pipelined = (not fs.cancelled() and fs.exception() is None and fs.result() is True
-                     and conn.parser.unreader.buf.getvalue())
-        if not pipelined:
+        unreader = _unreader(conn) if not fs.cancelled() and fs.exception() is None and fs.result() is True else None
+        if unreader is None or not unreader.buf.getvalue():
             super().finish_request(conn, fs)
             return
-        self._await_request(conn, conn.parser.unreader.take_buffered())
+        # typeshed's gunicorn stubs are 26.0's: gunicorn 27 added Unreader.take_buffered
+        self._await_request(conn := Conn.of(conn), unreader.take_buffered())  # pyright: ignore[reportAttributeAccessIssue]
         self._advance(conn)
 
-    def _await_request(self, conn: TConn, received: bytes = b"") -> None:
-        conn.received = bytearray(received)  # bytes so far
-        conn.needed, conn.chunked = None, None  # bytes that make the request, once the head says; a chunked body's end
+    def _await_request(self, conn: Conn, received: bytes = b"") -> None:
+        conn.received = bytearray(received)
+        conn.needed, conn.chunked = None, None
         conn.started = time.monotonic()
         conn.timeout = conn.started + HEAD_TIMEOUT_S
         conn.sock.setblocking(False)
         self.arriving.add(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_request, conn))
 
-    def _read_request(self, conn: TConn, _client) -> None:
+    def _read_request(self, conn: Conn, _client) -> None:
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -211,7 +243,7 @@ class HeadFirstWorker(ThreadWorker):
         conn.received += data
         self._advance(conn, len(conn.received) - len(data))
 
-    def _advance(self, conn: TConn, seen: int = 0) -> None:
+    def _advance(self, conn: Conn, seen: int = 0) -> None:
         """Hand the request to a thread once it is whole; answer it here when it must be refused."""
         try:
             if conn.needed is None and conn.chunked is None and not self._read_head(conn, seen):
@@ -230,11 +262,11 @@ class HeadFirstWorker(ThreadWorker):
         self.poller.unregister(conn.sock)
         self.arriving.discard(conn)
         conn.init()  # the HTTP/1 parser over this socket (no I/O for plain HTTP); a kept-alive connection has one
-        conn.parser.unreader.unread(bytes(conn.received))
-        conn.received = None
+        _unreader(conn).unread(bytes(conn.received))
+        conn.received = bytearray()
         self.enqueue_req(conn)
 
-    def _read_head(self, conn: TConn, seen: int) -> bool:
+    def _read_head(self, conn: Conn, seen: int) -> bool:
         """Once the head is whole: check the key when a body is announced, and how the body ends (False before)."""
         received = conn.received
         first = len(received) - len(received.lstrip(b"\r\n"))  # blank lines before the request line are no head
@@ -269,7 +301,7 @@ class HeadFirstWorker(ThreadWorker):
         conn.timeout = conn.started + READ_TIMEOUT_S
         return True
 
-    def _refuse(self, conn: TConn, answer: bytes) -> None:
+    def _refuse(self, conn: Conn, answer: bytes) -> None:
         """Answer, then drain what the client still sends for up to LINGER_S and close: no thread, no body kept."""
         self.arriving.discard(conn)
         self.poller.modify(conn.sock, selectors.EVENT_READ, partial(self._discard, conn))
@@ -278,10 +310,10 @@ class HeadFirstWorker(ThreadWorker):
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        conn.received, conn.drained, conn.timeout = None, 0, time.monotonic() + LINGER_S
+        conn.received, conn.drained, conn.timeout = bytearray(), 0, time.monotonic() + LINGER_S
         self.closing.add(conn)
 
-    def _discard(self, conn: TConn, _client) -> None:
+    def _discard(self, conn: Conn, _client) -> None:
         try:
             conn.drained += len(data := conn.sock.recv(RECV_BYTES))
             if data and conn.drained <= MAX_DRAIN_BYTES:
@@ -292,7 +324,7 @@ class HeadFirstWorker(ThreadWorker):
             pass
         self._drop(conn)
 
-    def _drop(self, conn: TConn, answer: bytes = b"") -> None:
+    def _drop(self, conn: Conn, answer: bytes = b"") -> None:
         self.poller.unregister(conn.sock)
         self.arriving.discard(conn)
         self.closing.discard(conn)
@@ -304,7 +336,7 @@ class HeadFirstWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
-    def set_accept_enabled(self, enabled: bool) -> None:
+    def set_accept_enabled(self, enabled: bool | None) -> None:
         """Stopping, the listening sockets close at once: the port is free without waiting for requests in flight."""
         super().set_accept_enabled(enabled)
         if not enabled and not self.alive:
@@ -316,11 +348,13 @@ class HeadFirstWorker(ThreadWorker):
         lingering ones past LINGER_S, and, stopping, the connections that have sent nothing."""
         super().murder_pending()
         now = time.monotonic()
-        for conn in [conn for conn in self.arriving if conn.timeout <= now or not (self.alive or conn.received)]:
-            self._drop(conn, TIMED_OUT if conn.timeout <= now else b"")
-        for conn in [conn for conn in self.closing if conn.timeout <= now]:
+        for conn in [conn for conn in self.arriving if conn.expired(now) or not (self.alive or conn.received)]:
+            self._drop(conn, TIMED_OUT if conn.expired(now) else b"")
+        for conn in [conn for conn in self.closing if conn.expired(now)]:
             self._drop(conn)
 
-    def handle(self, conn: TConn):
+    def handle(self, conn: TConn) -> bool:
+        if not isinstance(conn.sock, ClientSocket):  # accept() adopts every client socket; gunicorn types it socket
+            raise TypeError(f"not a client socket of this worker: {conn.sock!r}")
         conn.sock.read_deadline = time.monotonic() + READ_TIMEOUT_S
         return super().handle(conn)
