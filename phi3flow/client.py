@@ -268,7 +268,7 @@ class EndpointClient:
             payload = None
         payload = payload if isinstance(payload, dict) else {}
         status = payload.get("status") if isinstance(payload.get("status"), int) else None
-        message = payload.get("message") if isinstance(payload.get("message"), str) else event.data
+        message = payload.get("message") if isinstance(payload.get("message"), str) else (event.data or "")
         code = f" (HTTP {status})" if status else ""
         return EndpointError(f"the endpoint failed after streaming {len(sent)} characters{code}: {message[:300]}; "
                              "the answer is incomplete", status)
@@ -422,7 +422,7 @@ def _detail(response: requests.Response) -> str:
     return str(payload)[:300]
 
 
-def _reason(exc: requests.exceptions.RequestException) -> str:
+def _reason(exc: requests.exceptions.RequestException | urllib3.exceptions.HTTPError) -> str:
     text = str(exc).lower()
     if "refused" in text:
         return "connection refused"

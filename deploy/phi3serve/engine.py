@@ -63,9 +63,11 @@ class Engine(Protocol):
 
     def submit(self, job: Job) -> None:
         """Queue a job (raises Busy when the queue is full); its future gets an Answer or a ServingError."""
+        ...
 
     def healthy(self) -> bool:
         """False once the engine can no longer serve (its worker died): liveness fails and Azure restarts."""
+        ...
 
     def close(self) -> None:
         """Drop every job and stop generating (also run at interpreter exit)."""
@@ -143,8 +145,9 @@ def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float, 
     if model.onnx:  # an ONNX Runtime GenAI folder has one engine: onnxruntime-genai's
         if choice != "auto":
             raise RuntimeError(f"{ENGINE_ENV}={choice} needs a Hugging Face model folder; this one is ONNX (unset it)")
-        from phi3serve.onnx_engine import OnnxEngine
+        from phi3serve.onnx_engine import OnnxChatModel, OnnxEngine
 
+        assert isinstance(model, OnnxChatModel)  # what ChatModel.load gives for an ONNX folder
         return OnnxEngine(model, max_batch=max_batch, max_queue=max_queue, wait_s=wait_s)
     if choice == "auto":
         choice = "continuous" if model.device.type == "cuda" else "loop"

@@ -160,7 +160,7 @@ class ChatModel:
         base: str | Path = folder
         if adapter is not None:
             base = settings.base_model or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda, settings.dtype), attn_implementation="sdpa")
+        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda, settings.dtype), attn_implementation="sdpa")
         if adapter is not None:
             from peft import PeftModel
 

@@ -11,6 +11,8 @@ single-request speed; a batched Generator decodes 16 rows per step. One worker t
 from __future__ import annotations
 
 import atexit
+import importlib
+import os
 import json
 import logging
 import mmap
@@ -67,9 +69,10 @@ class OnnxChatModel(ChatModel):
         return self.rope_switch is not None and length > self.rope_switch
 
     @classmethod
-    def load(cls, folder: Path, settings: Settings | None = None) -> "OnnxChatModel":
+    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> "OnnxChatModel":
         from transformers import AutoTokenizer
 
+        folder = Path(model_dir)
         try:
             import onnxruntime_genai  # noqa: F401 - fail at load, not on the first request
         except ImportError:
@@ -130,7 +133,7 @@ class OnnxEngine(Bounded):
 
     def _work(self, ready: dict[str, Any], started: threading.Event) -> None:
         try:
-            import onnxruntime_genai as og
+            og: Any = importlib.import_module("onnxruntime_genai")  # a compiled module without type information
 
             self.og, self.og_model = og, og.Model(og.Config(str(self.model.folder)))
         except Exception as exc:  # noqa: BLE001 - reported by __init__ in the caller's thread

@@ -201,10 +201,10 @@ def _turn(turn: Any, i: int) -> Any:
         raise BadRequest(f"messages[{i}]: tool calls and tool results are not supported (the model cannot call tools)")
     if isinstance(content, list):
         texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content]
-        if any(not isinstance(text, str) for text in texts):
+        if not all(isinstance(text, str) for text in texts):
             raise BadRequest(f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
-        content = "".join(texts)
-    return {"role": ROLE_ALIASES.get(role, role), "content": content}
+        content = "".join(str(text) for text in texts)
+    return {"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role, "content": content}
 
 
 def _stops(stop: Any) -> tuple[str, ...]:

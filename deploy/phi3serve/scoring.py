@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from queue import Empty
+from queue import Empty, Queue
 from typing import Any, Callable, Iterator
 
 from azureml_inference_server_http.api.aml_request import rawhttp
@@ -113,21 +113,34 @@ def _drained(job: Job) -> None:
         raise ShuttingDown("the server is shutting down and stopped this generation; ask again")
 
 
+def _serving() -> tuple[Engine, ChatModel]:
+    """The engine and model init() started; Unavailable when there are none or the engine stopped."""
+    if _engine is None or _model is None or not _engine.healthy():
+        raise Unavailable("the generation engine is not running; the server is restarting")
+    return _engine, _model
+
+
+def _stream_of(job: Job) -> Queue:
+    """A streamed job's token queue (submit(stream=True) made it)."""
+    if job.stream is None:
+        raise TypeError("this job was not submitted for streaming")
+    return job.stream
+
+
 def submit(body: bytes | ChatRequest, stream: bool = False) -> tuple[Job, int]:
     """Validate (a raw contract body), encode and queue a request: (job, turns dropped). Raises ServingError."""
-    if _engine is None or not _engine.healthy():
-        raise Unavailable("the generation engine is not running; the server is restarting")
+    engine, model = _serving()
     if _drain_deadline < math.inf:
         raise ShuttingDown()
     request = parse_request(body) if isinstance(body, bytes) else body
     if request.params.max_new_tokens > _max_new_tokens:
         raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
                          f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}")
-    return start(_engine, _model, request, _timeout_s, stream)
+    return start(engine, model, request, _timeout_s, stream)
 
 
 def _headers(dropped: int, answer: Answer | None = None) -> dict[str, str]:
-    headers = {BATCH_INVARIANT_HEADER: "true" if _engine.batch_invariant else "false"}
+    headers = {BATCH_INVARIANT_HEADER: "true" if _engine is not None and _engine.batch_invariant else "false"}
     if answer is not None:
         headers[BATCH_SIZE_HEADER] = str(answer.batch_size)
     if dropped:
@@ -222,19 +235,19 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
 def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
     """The answer's text in pieces as its tokens arrive (appended to `tokens`, which starts with the first ones); the
     pieces add up to the answer's text. Raises the job's ServingError."""
-    sent = ""
+    sent, stream, model = "", _stream_of(job), _serving()[1]
     while True:
-        text = _model.text(tokens)
+        text = model.text(tokens)
         if text.startswith(sent) and len(text) > len(sent):  # whole characters only (ChatModel.text)
             yield text[len(sent):]
             sent = text
-        if job.future.done() and job.stream.empty():
+        if job.future.done() and stream.empty():
             break
         _drained(job)
         try:
-            tokens.append(job.stream.get(timeout=0.05))
-            while not job.stream.empty():
-                tokens.append(job.stream.get_nowait())
+            tokens.append(stream.get(timeout=0.05))
+            while not stream.empty():
+                tokens.append(stream.get_nowait())
         except Empty:
             continue
     answer = job.future.result()
@@ -272,10 +285,10 @@ def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[i
 
 def _first_tokens(job: Job) -> list[int]:
     """Wait for the first token (or the end): errors before the stream starts keep their status code."""
-    deadline = time.monotonic() + _timeout_s
+    deadline, stream = time.monotonic() + _timeout_s, _stream_of(job)
     while time.monotonic() < deadline:
         try:
-            return [job.stream.get(timeout=0.05)]
+            return [stream.get(timeout=0.05)]
         except Empty:
             if job.future.done():
                 job.future.result()  # raises the ServingError of a failed generation
