@@ -156,7 +156,7 @@ def serve(adapter_dir: Path, concurrency: tuple[int, ...], engines: tuple[str, .
     import torch
 
     from phi3serve.contract import ChatRequest, Parameters
-    from phi3serve.engine import ask, engine_for
+    from phi3serve.engine import engine_for, start
     from phi3serve.model import ChatModel
 
     started = time.perf_counter()
@@ -177,7 +177,7 @@ def serve(adapter_dir: Path, concurrency: tuple[int, ...], engines: tuple[str, .
 
         with ThreadPoolExecutor(clients) as pool:
             begin = time.perf_counter()
-            answers = list(pool.map(lambda _: ask(engine, model, request)[0], range(clients)))
+            answers = list(pool.map(lambda _: start(engine, model, request, 3600.0)[0].future.result(), range(clients)))
             elapsed = time.perf_counter() - begin
         assert all(a.tokens == NEW_TOKENS for a in answers), [a.tokens for a in answers]
         return clients * NEW_TOKENS / elapsed

@@ -22,6 +22,9 @@ from hypothesis import settings
 from phi3flow.offline import OFFLINE_ENV
 
 if TYPE_CHECKING:
+    from phi3serve.contract import ChatRequest
+    from phi3serve.engine import Answer, Engine
+    from phi3serve.model import ChatModel
     from transformers import Phi3ForCausalLM
 
     from phi3flow.finetune.config import FinetuneConfig
@@ -329,3 +332,11 @@ def build_longrope_phi3(out_dir: Path, rope_spelling: str = "hub") -> Path:
 def longrope_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LongRoPE Phi-3 with real weights (build_longrope_phi3), config.json spelled as the hub's."""
     return build_longrope_phi3(tmp_path_factory.mktemp("longrope-phi3"))
+
+
+def ask(engine: "Engine", model: "ChatModel", request: "ChatRequest", timeout_s: float = 3600.0) -> tuple["Answer", int]:
+    """Encode, queue and wait for one request on an engine, without a server: (answer, turns dropped)."""
+    from phi3serve.engine import start
+
+    job, dropped = start(engine, model, request, timeout_s)
+    return job.future.result(timeout=timeout_s + 5), dropped

@@ -256,7 +256,7 @@ def test_adapter_loads_in_the_scoring_script_and_changes_answers(embedded_run) -
     pytest.importorskip("azureml_inference_server_http")
     from phi3flow.embedded import embedded_model_dir
     from phi3serve.contract import ChatRequest, Parameters
-    from phi3serve.engine import ask
+    from conftest import ask
     from phi3serve.loop import LoopEngine
     from phi3serve.model import ChatModel
 

@@ -13,10 +13,12 @@ import torch
 
 from phi3serve import scoring as score
 from phi3serve.contract import DEFAULTS, MAX_BODY_BYTES, BadRequest, GenerationFailed, Parameters, parse_request
-from phi3serve.engine import Job, ask
+from phi3serve.engine import Job
 from phi3serve.loop import LoopEngine
 from phi3serve.model import ChatModel, find_model_folder
 from phi3serve.settings import ENV
+
+from conftest import ask
 
 
 def body(turns=None, **params) -> bytes:

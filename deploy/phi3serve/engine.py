@@ -132,12 +132,6 @@ def start(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: flo
     return job, dropped
 
 
-def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float = 3600.0) -> tuple[Answer, int]:
-    """Encode, queue and wait: (answer, turns dropped)."""
-    job, dropped = start(engine, model, request, timeout_s)
-    return job.future.result(timeout=timeout_s + 5), dropped
-
-
 def engine_for(model: ChatModel, max_batch: int, max_queue: int, wait_s: float, choice: str | None = None) -> Engine:
     """The engine `choice` ($PHI3FLOW_ENGINE; read from the environment when not given) names, else continuous batching
     on CUDA and the decode loop on CPU."""
