@@ -268,7 +268,8 @@ class EndpointClient:
             payload = None
         payload = payload if isinstance(payload, dict) else {}
         status = payload.get("status") if isinstance(payload.get("status"), int) else None
-        message = payload.get("message") if isinstance(payload.get("message"), str) else (event.data or "")
+        said = payload.get("message")
+        message = said if isinstance(said, str) else (event.data or "")
         code = f" (HTTP {status})" if status else ""
         return EndpointError(f"the endpoint failed after streaming {len(sent)} characters{code}: {message[:300]}; "
                              "the answer is incomplete", status)

@@ -340,7 +340,7 @@ def test_each_row_samples_like_the_transformers_processors():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
-    from phi3serve.loop import pick
+    from phi3serve.sampling import pick
 
     torch.manual_seed(0)
     scores, sequences = torch.randn(3, 50), torch.randint(0, 50, (3, 7))

@@ -23,6 +23,7 @@ from phi3serve.contract import Expired, GenerationFailed, ServingError
 from phi3serve.engine import Answer, Bounded, Job
 from phi3serve.model import ChatModel
 from phi3serve.rope import row_rotary
+from phi3serve.sampling import pick, row_settings
 
 log = logging.getLogger("azmlinfsrv.score")
 PREFILL_CHUNK = 128  # prompt tokens per forward pass beyond which a prompt is prefilled in chunks between decode steps
@@ -93,34 +94,6 @@ class DecodeState:
             torch.cat([running.limits, joining.limits]), torch.cat([running.settings, joining.settings]),
             running.answers + joining.answers, running.jobs + joining.jobs, torch.cat([running.long, joining.long]),
         )
-
-
-def row_settings(jobs: list[Job], device: Any) -> Any:
-    """Each row's sampling settings as one [rows, 4] tensor: temperature, top-p, repetition penalty, greedy."""
-    return torch.tensor([[job.params.temperature, job.params.top_p, job.params.repetition_penalty, float(job.params.greedy)]
-                         for job in jobs], device=device)
-
-
-def pick(scores: Any, sequences: Any, settings: Any) -> Any:
-    """The next token of every row, each with its own settings, so requests with different parameters share a batch.
-
-    Same arithmetic as transformers' RepetitionPenalty, Temperature and TopP processors, applied per row;
-    greedy rows take the argmax (after the penalty), sampling rows draw from their nucleus.
-    """
-    temperature, top_p, penalty, greedy = settings.unbind(1)
-    if (penalty != 1.0).any():
-        seen = torch.gather(scores, 1, sequences)
-        factor = penalty[:, None]
-        scores = scores.scatter(1, sequences, torch.where(seen < 0, seen * factor, seen / factor))
-    choice = scores.argmax(-1)
-    rows = (greedy == 0).nonzero().squeeze(1)
-    if rows.numel():
-        probs = (scores[rows] / temperature[rows, None]).softmax(-1)
-        ordered, order = probs.sort(-1, descending=True)
-        outside = ordered.cumsum(-1) - ordered > top_p[rows, None]  # past the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(1, order, ordered.masked_fill(outside, 0.0))
-        choice[rows] = torch.multinomial(probs, 1).squeeze(1)
-    return choice
 
 
 class Prefill:
@@ -263,13 +236,16 @@ class Decoder:
     def _cross(self, state: DecodeState, pending: deque[Prefill]) -> tuple[DecodeState | None, DecodeState | None]:
         """Rows whose next token passes the original context leave the batch and are prefilled again on long factors
         (their cached keys were rotated with short ones): (the rest, the ones prefilled now with their next token)."""
-        crossing = (state.positions[:, 0] + 2 > self.rotary.original) & ~state.long  # history + the token to feed
+        if self.rotary is None:
+            return state, None
+        original = self.rotary.original
+        crossing = (state.positions[:, 0] + 2 > original) & ~state.long  # history + the token to feed
         if not crossing.any():
             return state, None
         rows = crossing.nonzero().squeeze(1).tolist()
         jobs, answers = [state.jobs[i] for i in rows], [state.answers[i] for i in rows]
         rest = state.select((~crossing).nonzero().squeeze(1))
-        if self.rotary.original + 1 <= self.chunk:
+        if original + 1 <= self.chunk:
             return rest, self._prefill(jobs, answers)
         pending.appendleft(Prefill(self, jobs, answers))  # they were running already: ahead of waiting prompts
         return rest, None
@@ -280,8 +256,9 @@ class Decoder:
         for i, (token, end) in enumerate(zip(state.tokens.tolist(), ended.tolist())):
             if not end:
                 state.answers[i].append(token)
-                if state.jobs[i].stream is not None:
-                    state.jobs[i].stream.put(token)
+                stream = state.jobs[i].stream
+                if stream is not None:
+                    stream.put(token)
         now = time.monotonic()
         abandoned = torch.tensor([job.expired(now) for job in state.jobs], device=ended.device)
         done = ended | abandoned | (torch.tensor([len(a) for a in state.answers], device=ended.device) >= state.limits)
@@ -292,7 +269,9 @@ class Decoder:
     def _prefill(self, jobs: list[Job], answers: list[list[int]] | None = None) -> DecodeState:
         """Prefill histories at once (prompts, or prompt + answer so far); the state holds their next tokens."""
         prefill = Prefill(self, jobs, answers or [[] for _ in jobs])
-        return prefill.advance(self, prefill.width)
+        state = prefill.advance(self, prefill.width)
+        assert state is not None  # the whole width ran
+        return state
 
 
 class LoopEngine(Bounded):

@@ -2,8 +2,7 @@
 
 Same contract as the transformers engines: the prompt is encoded by the same ChatModel code (the folder
 carries the tokenizer and chat template), the same stop tokens end a turn, and each request keeps its own
-temperature, top-p, repetition penalty, greedy choice and max_new_tokens (sampled per row by the decode
-loop's own `pick`). Not the library's Engine: on a CPU its static batching runs at most 4 requests at a time
+temperature, top-p, repetition penalty, greedy choice and max_new_tokens (sampled per row by `phi3serve.sampling.pick`). Not the library's Engine: on a CPU its static batching runs at most 4 requests at a time
 whatever max_batch_size says (StaticBatchScheduler, 0.18.0), and its per-token overhead cost a fifth of the
 single-request speed; a batched Generator decodes 16 rows per step. One worker thread owns the model.
 """
@@ -27,7 +26,7 @@ import torch
 
 from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
-from phi3serve.loop import pick, row_settings
+from phi3serve.sampling import pick, row_settings
 from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, capped, read_json, stop_ids
 from phi3serve.settings import Settings
 

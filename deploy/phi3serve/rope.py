@@ -28,12 +28,17 @@ def longrope_original(config: Any) -> int | None:
 class RowRotary(torch.nn.Module):
     """The model's LongRoPE rotary embedding, with short or long factors chosen per row by `rows(long)`."""
 
+    inv_freq: torch.Tensor  # [2, dim / 2]: the short set, then the long one (a buffer)
+
     def __init__(self, inner: Any):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         super().__init__()
         self.inner = inner
-        self.original = longrope_original(inner.config)
+        original = longrope_original(inner.config)
+        if original is None:
+            raise ValueError("RowRotary wraps a LongRoPE rotary embedding only")
+        self.original = original
         device = inner.original_inv_freq.device
         # The sets transformers switches between: the initial (short) one, and the one for seq_len past the original
         long, _ = ROPE_INIT_FUNCTIONS["longrope"](inner.config, device, seq_len=self.original + 1)
