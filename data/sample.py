@@ -9,7 +9,7 @@ one sentence whose only words absent from its question are the fact, so it can b
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 from phi3flow.data.schema import DataError, Row, make_row
 

@@ -16,14 +16,22 @@ import json
 import sys
 from pathlib import Path
 
-from phi3serve.contract import DEFAULTS, KEY_ENV
-
 from phi3flow.evaluation.judge import JUDGED, Judge, JudgeError
-from phi3flow.evaluation.metrics import (CORPUS_METRICS, METRICS, SIGNIFICANCE, bleu_statistics, corpus_bleu_statistic, holm,
-                                         line_metrics, nearest_answers, paired_comparison, summarize)
-from phi3flow.evaluation.predict import (GREEDY, LATENCY, Example, ServerHeaders, System, load_examples, predict,
-                                         resolve_target)
+from phi3flow.evaluation.metrics import (
+    CORPUS_METRICS,
+    METRICS,
+    SIGNIFICANCE,
+    bleu_statistics,
+    corpus_bleu_statistic,
+    holm,
+    line_metrics,
+    nearest_answers,
+    paired_comparison,
+    summarize,
+)
+from phi3flow.evaluation.predict import GREEDY, LATENCY, Example, ServerHeaders, System, load_examples, predict, resolve_target
 from phi3flow.evaluation.report import FLOOR, plot, render_report
+from phi3serve.contract import DEFAULTS, KEY_ENV
 
 DIFFERING_LINES = 5
 

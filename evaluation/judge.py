@@ -7,9 +7,9 @@ evaluators of azure-ai-evaluation, reduced to a single-number answer so they are
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import re
+
+from phi3flow.errors import Phi3flowError
 
 # metric -> rubric (higher is better for all of them)
 JUDGED: dict[str, str] = {
@@ -37,7 +37,7 @@ class Judge:
         self.client = AzureOpenAI(azure_endpoint=endpoint, api_key=key, api_version=api_version, max_retries=3, timeout=60)
 
     @classmethod
-    def from_connection(cls, name: str, deployment: str) -> "Judge":
+    def from_connection(cls, name: str, deployment: str) -> Judge:
         """From a Prompt Flow AzureOpenAIConnection (api_base, api_key, api_version)."""
         from promptflow.client import PFClient
 

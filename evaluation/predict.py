@@ -13,18 +13,18 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import requests
-from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER
 
 from phi3flow.client import EndpointError, get_client
 from phi3flow.connect import read_connection
 from phi3flow.errors import Phi3flowError
 from phi3flow.evaluation.judge import Judge, JudgeError
 from phi3flow.evaluation.metrics import first_turn
+from phi3serve.contract import BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER
 
 LATENCY = "latency_s"  # per-line seconds, lower is better; compared like the quality metrics
 GREEDY = {"temperature": 0.0, "top_p": 1.0}  # the decoding every line is asked with

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from phi3flow.errors import Phi3flowError
 from phi3serve.model import end_of_turn_id as template_end_of_turn
 from phi3serve.model import render_chat, special_token_ids
 

@@ -9,8 +9,6 @@ under the same names (`--max_steps` or `--max-steps`). transformers is imported 
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import argparse
 import dataclasses
 import difflib
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from phi3flow.errors import Phi3flowError
 
 if TYPE_CHECKING:
     from transformers import HfArgumentParser, TrainingArguments

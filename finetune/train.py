@@ -8,8 +8,6 @@ architecture, and an output folder that the scoring script loads as it is.
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import argparse
 import dataclasses
 import hashlib
@@ -39,7 +37,10 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
+from phi3flow.data.schema import DataError, Row, read_jsonl
 from phi3flow.embedded import embedded_model_dir
+from phi3flow.errors import Phi3flowError
+from phi3flow.finetune import config
 from phi3flow.finetune.chat import (
     IGNORE_INDEX,
     ChatTemplateError,
@@ -47,9 +48,7 @@ from phi3flow.finetune.chat import (
     ensure_distinct_pad,
     tokenize_conversation,
 )
-from phi3flow.finetune import config
 from phi3flow.finetune.config import EMBEDDED, ConfigError, FinetuneArguments, FinetuneConfig
-from phi3flow.data.schema import DataError, Row, read_jsonl
 
 log = logging.getLogger("phi3flow.finetune")
 

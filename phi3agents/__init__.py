@@ -55,7 +55,7 @@ class EndpointChatClient(BaseChatClient):
         self._client: EndpointClient = get_client(endpoint, key, **client_options)
 
     @classmethod
-    def from_connection(cls, name: str, **client_options: Any) -> "EndpointChatClient":
+    def from_connection(cls, name: str, **client_options: Any) -> EndpointChatClient:
         """From the Prompt Flow CustomConnection a user already has (configs.endpoint, secrets.key)."""
         from phi3flow.offline import use_offline_defaults
 

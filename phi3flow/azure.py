@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from phi3flow.errors import Phi3flowError
 from phi3flow.finetune.config import read_config

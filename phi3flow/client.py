@@ -16,8 +16,6 @@ Completions for any OpenAI-compatible endpoint (Foundry Models, Foundry Local, v
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import codecs
 import contextlib
 import hashlib
@@ -32,13 +30,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 import urllib3
+from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from phi3serve.contract import (BATCH_INVARIANT_HEADER, DEFAULTS, DELTA_EVENT, DONE_EVENT, ERROR_EVENT, GREEDY_BELOW,
-                                STREAM_MEDIA_TYPE)
+from phi3flow.errors import Phi3flowError
+from phi3serve.contract import (
+    BATCH_INVARIANT_HEADER,
+    DEFAULTS,
+    DELTA_EVENT,
+    DONE_EVENT,
+    ERROR_EVENT,
+    GREEDY_BELOW,
+    STREAM_MEDIA_TYPE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +247,7 @@ class EndpointClient:
         raise EndpointError(f"the stream from {self._host()} ended after {len(sent)} characters without 'data: [DONE]': "
                             "the answer is incomplete; ask again")
 
-    def _event_field(self, event: "ServerSentEvent", name: str, sent: str) -> str:
+    def _event_field(self, event: ServerSentEvent, name: str, sent: str) -> str:
         """The string field `name` of an event's JSON data, or EndpointError saying the stream is malformed."""
         try:
             value = json.loads(event.data)[name]
@@ -260,7 +266,7 @@ class EndpointClient:
         if len(output) > len(sent):
             yield output[len(sent):]
 
-    def _stream_error(self, event: "ServerSentEvent", sent: str) -> EndpointError:
+    def _stream_error(self, event: ServerSentEvent, sent: str) -> EndpointError:
         """An error event: the server's message and status, and that the answer is incomplete."""
         try:
             payload = json.loads(event.data)

@@ -8,14 +8,14 @@ Nothing here depends on which model the package carries.
 
 from __future__ import annotations
 
-from phi3flow.errors import Phi3flowError
-
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from phi3flow.errors import Phi3flowError
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def _architecture(folder: Path) -> str:
     return (config.get("architectures") or [config.get("model_type", "unknown")])[0]
 
 
-def _merged_copy(adapter_dir: Path, staging: Path) -> "ChatModel":
+def _merged_copy(adapter_dir: Path, staging: Path) -> ChatModel:
     """Merge the adapter onto its base with the scoring script's loader and save it as a plain HF folder."""
     from phi3serve.model import ChatModel
 

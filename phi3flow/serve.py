@@ -119,7 +119,7 @@ class LocalEndpoint:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> "LocalEndpoint":
+    def start(self) -> LocalEndpoint:
         """Start the server (PortInUse when its port is taken); it dies with this process."""
         check_port_free(self.port)
         server = Path(sys.executable).with_name("azmlinfsrv")
@@ -130,7 +130,7 @@ class LocalEndpoint:
                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> "LocalEndpoint":
+    def wait_ready(self, timeout: float = 300.0) -> LocalEndpoint:
         """Block until the health route answers and the model answers a request; fail fast if the server dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -161,7 +161,7 @@ class LocalEndpoint:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
-    def __enter__(self) -> "LocalEndpoint":
+    def __enter__(self) -> LocalEndpoint:
         return self.start().wait_ready()
 
     def __exit__(self, *exc) -> None:

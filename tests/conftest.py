@@ -9,12 +9,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
@@ -22,12 +22,12 @@ from hypothesis import settings
 from phi3flow.offline import OFFLINE_ENV
 
 if TYPE_CHECKING:
-    from phi3serve.contract import ChatRequest
-    from phi3serve.engine import Answer, Engine
-    from phi3serve.model import ChatModel
     from transformers import Phi3ForCausalLM
 
     from phi3flow.finetune.config import FinetuneConfig
+    from phi3serve.contract import ChatRequest
+    from phi3serve.engine import Answer, Engine
+    from phi3serve.model import ChatModel
 
 # CI runs the property tests with a fixed seed, so a red build is reproducible (locally they explore).
 settings.register_profile("ci", derandomize=True)
@@ -212,7 +212,7 @@ class PromptFlowHome:
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's fused projections
 
 
-def tiny_phi3(vocab_size: int, **ids: int | None) -> "Phi3ForCausalLM":
+def tiny_phi3(vocab_size: int, **ids: int | None) -> Phi3ForCausalLM:
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -223,7 +223,7 @@ def tiny_phi3(vocab_size: int, **ids: int | None) -> "Phi3ForCausalLM":
     return Phi3ForCausalLM(cfg).eval()
 
 
-def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> "FinetuneConfig":
+def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> FinetuneConfig:
     """The CPU config, shrunk: settings of both parts (phi3flow's and the Trainer's) by their own names."""
     from phi3flow.finetune import config
 
@@ -334,7 +334,7 @@ def longrope_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_longrope_phi3(tmp_path_factory.mktemp("longrope-phi3"))
 
 
-def ask(engine: "Engine", model: "ChatModel", request: "ChatRequest", timeout_s: float = 3600.0) -> tuple["Answer", int]:
+def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float = 3600.0) -> tuple[Answer, int]:
     """Encode, queue and wait for one request on an engine, without a server: (answer, turns dropped)."""
     from phi3serve.engine import start
 

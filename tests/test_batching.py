@@ -13,11 +13,11 @@ import requests
 
 from conftest import SECRET
 from phi3flow.connect import create_connection
-from phi3flow.evaluation import compare
-from phi3serve.contract import BATCH_SIZE_HEADER
 from phi3flow.data.sample import sample_split
+from phi3flow.evaluation import compare
 from phi3flow.offline import stop_pf_service
 from phi3flow.serve import LocalEndpoint
+from phi3serve.contract import BATCH_SIZE_HEADER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 # float32 on a CPU: batch-invariant greedy decoding. A generous generation deadline: on a busy machine the default

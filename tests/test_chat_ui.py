@@ -242,7 +242,8 @@ class ChatPage:
             box.send_keys(message)
             self.driver.find_element(self.by.CSS_SELECTOR, "button[title='Send']").click()
             try:
-                text = wait_until(lambda: (self.text().count(expect) > seen or self.text().count(FETCH_FAILED) > failed) and self.text(),
+                text = wait_until(lambda seen=seen, failed=failed: (self.text().count(expect) > seen or self.text().count(FETCH_FAILED) > failed)
+                                  and self.text(),
                                   timeout, f"{expect!r} on the chat page after sending {message!r}")
             except pytest.fail.Exception:
                 self.screenshot("chat_ui_failure.png")
@@ -252,7 +253,8 @@ class ChatPage:
             if self.ui.restarts() == restarts:
                 self.screenshot("chat_ui_failure.png")
                 pytest.fail(f"the page could not reach the flow's serving app after {message!r}, and pf did not restart it")
-            warnings.warn(f"pf restarted the chat page's serving app under {message!r} (promptflow 1.18.5's monitor race): sent again")
+            warnings.warn(f"pf restarted the chat page's serving app under {message!r} (promptflow 1.18.5's monitor race): sent again",
+                          stacklevel=2)
         pytest.fail(f"{message!r}: the serving app was restarted under every try")
 
     def screenshot(self, name: str) -> None:

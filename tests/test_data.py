@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from phi3flow import cli
-from phi3flow.evaluation.metrics import first_turn, reference_fact
 from phi3flow.data import prepare as data
 from phi3flow.data import sample, schema
+from phi3flow.evaluation.metrics import first_turn, reference_fact
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from rouge_score import rouge_scorer
@@ -12,12 +12,11 @@ from sacrebleu import corpus_bleu, sentence_bleu
 
 from conftest import REPO, Reply, ScriptedEndpoint
 from phi3flow.connect import create_connection
-from phi3flow.evaluation import compare
-from phi3serve.contract import BATCH_INVARIANT_HEADER
-from phi3flow.evaluation import metrics
-from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
 from phi3flow.data.sample import sample_rows, sample_split
+from phi3flow.evaluation import compare, metrics
+from phi3flow.evaluation.metrics import METRICS, first_turn, line_metrics, paired_comparison, summarize
 from phi3flow.offline import stop_pf_service
+from phi3serve.contract import BATCH_INVARIANT_HEADER
 
 QUESTION, REFERENCE = "What is the capital of Norway?", "The capital of Norway is Oslo."
 ROWS = sample_rows(size=16)  # the offline sample, in the test data's schema (prompt, prompt_id, messages)

@@ -254,9 +254,9 @@ def test_short_embedded_run_lowers_training_loss(embedded_run) -> None:
 @pytest.mark.model
 def test_adapter_loads_in_the_scoring_script_and_changes_answers(embedded_run) -> None:
     pytest.importorskip("azureml_inference_server_http")
+    from conftest import ask
     from phi3flow.embedded import embedded_model_dir
     from phi3serve.contract import ChatRequest, Parameters
-    from conftest import ask
     from phi3serve.loop import LoopEngine
     from phi3serve.model import ChatModel
 

@@ -19,11 +19,10 @@ import pytest
 import requests
 
 from conftest import SECRET
-from phi3flow import connect
-from phi3flow import serve
+from phi3flow import connect, serve
+from phi3flow.serve import HOST, LocalEndpoint, free_port
 from phi3serve.gunicorn_config import GRACE_S
 from phi3serve.gunicorn_worker import HEAD_TIMEOUT_S
-from phi3flow.serve import HOST, LocalEndpoint, free_port
 
 QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
                            "parameters": {"temperature": 0, "max_new_tokens": 8}}}
@@ -157,7 +156,7 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(served)
     chunk = b"100000\r\n" + b"[" * (1 << 20) + b"\r\n"
     sent = 0
     try:
-        for sent in range(1, 65):  # 64 MiB offered
+        for sent in range(1, 65):  # noqa: B007 - read after the loop: how much was sent before the server closed
             sock.sendall(chunk)
     except OSError:
         pass  # the server answered and closed the connection: it read no further

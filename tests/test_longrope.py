@@ -131,8 +131,9 @@ def test_a_chunked_prefill_answers_as_an_unchunked_one(chat, expected):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_both_engines_answer_as_generate_across_the_switch(longrope_model_dir, monkeypatch):
     """On a GPU (fp32, so answers can be compared token for token): the loop and continuous batching engines."""
-    from phi3serve.continuous import ContinuousEngine
     from transformers import AutoModelForCausalLM
+
+    from phi3serve.continuous import ContinuousEngine
 
     monkeypatch.setenv(ENV["dtype"], "float32")
     model = ChatModel.load(longrope_model_dir)

@@ -222,8 +222,8 @@ def test_shipped_config_trains_the_fused_projections(trained) -> None:
 @pytest.mark.model
 def test_adapter_and_merged_model_serve_the_same_answer(trained, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("azureml_inference_server_http")
-    from phi3serve.contract import ChatRequest, Parameters
     from conftest import ask
+    from phi3serve.contract import ChatRequest, Parameters
     from phi3serve.loop import LoopEngine
     from phi3serve.model import ChatModel
     from phi3serve.settings import ENV

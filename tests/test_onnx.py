@@ -11,9 +11,9 @@ import pytest
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'phi3flow[onnx]')")
 
-from phi3serve import scoring as score  # noqa: E402
 from phi3flow.cli import main  # noqa: E402
 from phi3flow.export import ExportError, export_onnx  # noqa: E402
+from phi3serve import scoring as score  # noqa: E402
 from phi3serve.contract import Busy, Expired  # noqa: E402
 from phi3serve.engine import Job  # noqa: E402
 from phi3serve.model import ChatModel  # noqa: E402

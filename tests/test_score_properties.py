@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phi3serve import scoring as score
+from phi3serve.contract import PARAMS, BadRequest, ChatRequest, parse_request
 from phi3serve.loop import LoopEngine
 from phi3serve.model import ChatModel
-from phi3serve.contract import PARAMS, BadRequest, ChatRequest, parse_request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -44,7 +44,7 @@ class Job:
         """The client is gone: the engine drops the job at its next step."""
         self.deadline = 0.0
 
-    def resolve(self, outcome: "Answer | Exception") -> None:
+    def resolve(self, outcome: Answer | Exception) -> None:
         """Hand the answer (or error) to whoever waits; a no-op if they gave up (cancelled) or it is already set."""
         try:
             if isinstance(outcome, Exception):

@@ -35,7 +35,7 @@ from functools import partial
 
 from gunicorn.http.parser import Parser
 from gunicorn.http.unreader import Unreader
-from gunicorn.workers.gthread import ThreadWorker, TConn
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from phi3serve import openai
 from phi3serve.contract import KEY_HEADERS, MAX_BODY_BYTES, authorized
@@ -137,7 +137,7 @@ class ClientSocket(socket.socket):
     read_deadline = math.inf
 
     @classmethod
-    def adopt(cls, sock: socket.socket) -> "ClientSocket":
+    def adopt(cls, sock: socket.socket) -> ClientSocket:
         return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:

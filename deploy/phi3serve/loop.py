@@ -15,7 +15,8 @@ import ctypes
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class DecodeState:
         self.mask = torch.cat([self.mask, torch.ones_like(step_input)], dim=1)
         self.positions = self.positions + 1
 
-    def select(self, keep: Any) -> "DecodeState | None":
+    def select(self, keep: Any) -> DecodeState | None:
         """Only the rows in `keep` (None when no row is left)."""
         if keep.numel() == 0:
             return None
@@ -73,7 +74,7 @@ class DecodeState:
                 layer.keys, layer.values = layer.keys[:, :, start:].clone(), layer.values[:, :, start:].clone()
 
     @staticmethod
-    def merge(running: "DecodeState | None", joining: "DecodeState | None", pad_id: int) -> "DecodeState | None":
+    def merge(running: DecodeState | None, joining: DecodeState | None, pad_id: int) -> DecodeState | None:
         """One batch from two: the shorter history is left-padded (masked) so cache and mask line up."""
         if running is None or joining is None:
             return running or joining
@@ -102,7 +103,7 @@ class Prefill:
     batch's decode steps (so it stalls nobody), always alone and cut at the same columns: its answer never depends
     on what else is running."""
 
-    def __init__(self, decoder: "Decoder", jobs: list[Job], answers: list[list[int]]):
+    def __init__(self, decoder: Decoder, jobs: list[Job], answers: list[list[int]]):
         from transformers.cache_utils import DynamicCache
 
         device, pad_id = decoder.chat.device, decoder.chat.pad_id
@@ -118,7 +119,7 @@ class Prefill:
     def size(self) -> int:
         return len(self.jobs)
 
-    def advance(self, decoder: "Decoder", columns: int) -> DecodeState | None:
+    def advance(self, decoder: Decoder, columns: int) -> DecodeState | None:
         """Run the next `columns` columns; the decode state once the histories are all in (else None)."""
         end = min(self.done + columns, self.width)
         logits = decoder.forward(self.long, input_ids=self.sequences[:, self.done:end], attention_mask=self.mask[:, :end],
@@ -215,7 +216,7 @@ class Decoder:
     def _merge(self, running: DecodeState | None, joining: DecodeState | None) -> DecodeState | None:
         return DecodeState.merge(running, joining, self.chat.pad_id)
 
-    def _step(self, state: DecodeState, pending: deque[Prefill]) -> Generator[tuple[Job, list[int]], None, "DecodeState | None"]:
+    def _step(self, state: DecodeState, pending: deque[Prefill]) -> Generator[tuple[Job, list[int]], None, DecodeState | None]:
         """Feed every row its last token and pick the next; yield the sequences that ended; return the rest."""
         for job in state.jobs:
             job.batch_size = max(job.batch_size, state.size)
@@ -250,7 +251,7 @@ class Decoder:
         pending.appendleft(Prefill(self, jobs, answers))  # they were running already: ahead of waiting prompts
         return rest, None
 
-    def _advance(self, state: DecodeState) -> Generator[tuple[Job, list[int]], None, "DecodeState | None"]:
+    def _advance(self, state: DecodeState) -> Generator[tuple[Job, list[int]], None, DecodeState | None]:
         """Record the tokens just picked (and stream them); yield the sequences that ended; return the rest."""
         ended = torch.isin(state.tokens, self.stop)
         for i, (token, end) in enumerate(zip(state.tokens.tolist(), ended.tolist())):

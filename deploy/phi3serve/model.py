@@ -141,7 +141,7 @@ class ChatModel:
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> "ChatModel":
+    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> ChatModel:
         """A Hugging Face folder, or a LoRA adapter merged onto its base at load (serving then costs no adapter math).
 
         `settings` (the server's, read once at start-up; else this process's environment) give the device, dtype,

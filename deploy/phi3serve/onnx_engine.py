@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import os
 import json
 import logging
 import mmap
+import os
 import re
 import threading
 import time
@@ -26,8 +26,8 @@ import torch
 
 from phi3serve.contract import Expired, GenerationFailed
 from phi3serve.engine import Answer, Bounded, Job
-from phi3serve.sampling import pick, row_settings
 from phi3serve.model import METADATA_FILE, ONNX_CONFIG, ChatModel, capped, read_json, stop_ids
+from phi3serve.sampling import pick, row_settings
 from phi3serve.settings import Settings
 
 log = logging.getLogger("azmlinfsrv.score")
@@ -68,7 +68,7 @@ class OnnxChatModel(ChatModel):
         return self.rope_switch is not None and length > self.rope_switch
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> "OnnxChatModel":
+    def load(cls, model_dir: str | os.PathLike, settings: Settings | None = None) -> OnnxChatModel:
         from transformers import AutoTokenizer
 
         folder = Path(model_dir)

@@ -11,8 +11,9 @@ gets the model's own rule unchanged. Models with other rotary types are never wr
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -17,8 +17,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from queue import Empty, Queue
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from azureml_inference_server_http.api.aml_request import rawhttp
 from azureml_inference_server_http.api.aml_response import AMLResponse
@@ -26,11 +27,25 @@ from flask import Response
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected
 
-from phi3serve.contract import (BATCH_INVARIANT_HEADER, BATCH_SIZE_HEADER, DELTA_EVENT, DONE_EVENT, ERROR_EVENT,
-                                MAX_BODY_BYTES, PARAMS, STREAM_MEDIA_TYPE, TRUNCATED_HEADER, BadRequest,
-                                ChatRequest, ServingError, ShuttingDown, Unavailable, authorized,
-                                parse_request)
 from phi3serve import openai
+from phi3serve.contract import (
+    BATCH_INVARIANT_HEADER,
+    BATCH_SIZE_HEADER,
+    DELTA_EVENT,
+    DONE_EVENT,
+    ERROR_EVENT,
+    MAX_BODY_BYTES,
+    PARAMS,
+    STREAM_MEDIA_TYPE,
+    TRUNCATED_HEADER,
+    BadRequest,
+    ChatRequest,
+    ServingError,
+    ShuttingDown,
+    Unavailable,
+    authorized,
+    parse_request,
+)
 from phi3serve.engine import Answer, Engine, Job, engine_for, start
 from phi3serve.model import ChatModel
 from phi3serve.settings import ENV, Settings

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from promptflow.core import tool
 
-from phi3flow.evaluation.metrics import first_turn, line_metrics as score
+from phi3flow.evaluation.metrics import first_turn
+from phi3flow.evaluation.metrics import line_metrics as score
 
 
 @tool
