@@ -40,7 +40,9 @@ demo: install
 
 lint: install install-agents
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(VENV)/bin/basedpyright
+	$(VENV)/bin/basedpyright -p deploy/pyrightconfig.json
 	$(VENV)/bin/basedpyright -p phi3agents --pythonpath $(AGENTS_VENV)/bin/python
 
 test: lint
@@ -50,7 +52,9 @@ test: lint
 # The quick loop: lint, then the tests that load no model, start no browser and build no fresh environment.
 test-fast: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(VENV)/bin/basedpyright
+	$(VENV)/bin/basedpyright -p deploy/pyrightconfig.json
 	$(PY) -m pytest -m "not model and not e2e and not gpu" -q
 
 bench: install

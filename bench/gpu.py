@@ -38,14 +38,21 @@ MODES = ("packing", "padding", "group_by_length")
 SHAPES = {
     "phi3-mini": {"vocab_size": 32064},
     "phi4-mini": {
-        "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064, "tie_word_embeddings": True,
-        "partial_rotary_factor": 0.75, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 200064,
+        "tie_word_embeddings": True,
+        "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
         "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0] * 48},
     },
 }
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-WORDS = ("river mountain answer question model token cloud endpoint deploy evaluate history language "
-         "science music garden kitchen travel ocean forest city planet energy market story").split()
+WORDS = (
+    "river mountain answer question model token cloud endpoint deploy evaluate history language "
+    "science music garden kitchen travel ocean forest city planet energy market story"
+).split()
 
 
 def build(shape: str, tokenizer_dir: Path, out: Path, tiny: bool) -> dict:
@@ -62,16 +69,19 @@ def build(shape: str, tokenizer_dir: Path, out: Path, tiny: bool) -> dict:
             half = int(TINY["hidden_size"] // TINY["num_attention_heads"] * values["partial_rotary_factor"]) // 2
             values["rope_scaling"] = {**values["rope_scaling"], "short_factor": [1.0] * half, "long_factor": [1.0] * half}
             values["num_key_value_heads"] = 2
-    config = Phi3Config(**values, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    config = Phi3Config(
+        **values, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
         model = Phi3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"parameters_b": sum(p.numel() for p in model.parameters()) / 1e9,
-            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return {
+        "parameters_b": sum(p.numel() for p in model.parameters()) / 1e9,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
 
 
 def write_data(tokenizer_dir: Path, folder: Path, rows: int, tiny: bool) -> None:
@@ -105,12 +115,22 @@ def train(model_dir: Path, data_dir: Path, out: Path, mode: str, steps: int, war
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
-    cfg = load_config("phi3-mini-qlora", {
-        "model": str(model_dir), "train_file": str(data_dir / "train_data.jsonl"), "test_file": str(data_dir / "test_data.jsonl"),
-        "output_dir": str(out), "max_steps": steps, "eval_strategy": "no", "save_steps": 10**6, "logging_steps": steps,
-        "gradient_accumulation_steps": 1, "packing": mode == "packing",
-        "train_sampling_strategy": "group_by_length" if mode == "group_by_length" else "random",
-    })
+    cfg = load_config(
+        "phi3-mini-qlora",
+        {
+            "model": str(model_dir),
+            "train_file": str(data_dir / "train_data.jsonl"),
+            "test_file": str(data_dir / "test_data.jsonl"),
+            "output_dir": str(out),
+            "max_steps": steps,
+            "eval_strategy": "no",
+            "save_steps": 10**6,
+            "logging_steps": steps,
+            "gradient_accumulation_steps": 1,
+            "packing": mode == "packing",
+            "train_sampling_strategy": "group_by_length" if mode == "group_by_length" else "random",
+        },
+    )
     prepared = finetune.prepare(cfg)
     clock = StepClock()
     prepared.trainer.add_callback(clock)
@@ -118,17 +138,26 @@ def train(model_dir: Path, data_dir: Path, out: Path, mode: str, steps: int, war
         torch.cuda.reset_peak_memory_stats()
     metrics = finetune.train(prepared)
     (t0, n0), (t1, n1) = clock.marks[warmup - 1], clock.marks[-1]
-    result = {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (steps - warmup),
-              "quantized_4bit": prepared.quantized, "bf16": prepared.trainer.args.bf16,
-              "train_loss": metrics.get("train_loss")}
+    result = {
+        "tokens_per_s": (n1 - n0) / (t1 - t0),
+        "s_per_step": (t1 - t0) / (steps - warmup),
+        "quantized_4bit": prepared.quantized,
+        "bf16": prepared.trainer.args.bf16,
+        "train_loss": metrics.get("train_loss"),
+    }
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     prepared.trainer.model.save_pretrained(out)  # every mode's adapter can be served (--serve-from)
     prepared.tokenizer.save_pretrained(out)
-    (out / finetune.METADATA_FILE).write_text(json.dumps({
-            "base_model_name_or_path": str(model_dir),
-            "end_of_turn_token": prepared.tokenizer.convert_ids_to_tokens(prepared.end_of_turn)}))
+    (out / finetune.METADATA_FILE).write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": str(model_dir),
+                "end_of_turn_token": prepared.tokenizer.convert_ids_to_tokens(prepared.end_of_turn),
+            }
+        )
+    )
     return result
 
 
@@ -186,7 +215,9 @@ def serve(adapter_dir: Path, concurrency: tuple[int, ...], engines: tuple[str, .
         for name in generate:
             cache = {"cache_implementation": "static"} if name.endswith("static") else {}
             prompt = torch.tensor([ids], device=model.device)
-            kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.pad_id, **cache)
+            kwargs = dict(
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=model.pad_id, **cache
+            )
             begin = time.perf_counter()
             model.model.generate(prompt, **kwargs)  # the static cache compiles its decode step here
             results[f"{name}_first_call_s"] = time.perf_counter() - begin
@@ -247,28 +278,40 @@ def report(shape: str, built: dict, trained: dict, served: dict | None, gpu: str
         if r is None:
             lines.append(f"| {mode} | did not finish | | |")
             continue
-        lines.append(f"| {mode} | {r['tokens_per_s']:,.0f} | {r.get('peak_allocated_gib', float('nan')):.2f} | "
-                     f"{r.get('peak_reserved_gib', float('nan')):.2f} |")
+        lines.append(
+            f"| {mode} | {r['tokens_per_s']:,.0f} | {r.get('peak_allocated_gib', float('nan')):.2f} | "
+            f"{r.get('peak_reserved_gib', float('nan')):.2f} |"
+        )
     done = {m: r for m, r in trained.items() if r}
     if "packing" in done:
         for mode in ("padding", "group_by_length"):
             if mode in done:
-                lines.append(f"\npacking / {mode}: tokens/s x{done['packing']['tokens_per_s'] / done[mode]['tokens_per_s']:.2f}, "
-                             f"peak allocated x{done['packing'].get('peak_allocated_gib', 1) / done[mode].get('peak_allocated_gib', 1):.2f}")
+                lines.append(
+                    f"\npacking / {mode}: tokens/s x{done['packing']['tokens_per_s'] / done[mode]['tokens_per_s']:.2f}, "
+                    f"peak allocated x{done['packing'].get('peak_allocated_gib', 1) / done[mode].get('peak_allocated_gib', 1):.2f}"
+                )
     if served:
-        lines += ["", f"Serving ({NEW_TOKENS} new tokens per request, greedy, {served['dtype']}; one-stream bandwidth floor "
-                      f"{served['floor_tok_s']:.0f} tok/s at a measured {served['copy_bandwidth_gbs']:.0f} GB/s copy):", "",
-                  "| concurrent requests | " + " | ".join(f"{e} tok/s" for e in engines) + " | last / first |",
-                  "|---" * (len(engines) + 2) + "|"]
-        levels = sorted({int(key.rsplit("_", 3)[-3]) for key in served if key.endswith("_tok_s") and key.rsplit("_", 3)[-3].isdigit()})
+        lines += [
+            "",
+            f"Serving ({NEW_TOKENS} new tokens per request, greedy, {served['dtype']}; one-stream bandwidth floor "
+            f"{served['floor_tok_s']:.0f} tok/s at a measured {served['copy_bandwidth_gbs']:.0f} GB/s copy):",
+            "",
+            "| concurrent requests | " + " | ".join(f"{e} tok/s" for e in engines) + " | last / first |",
+            "|---" * (len(engines) + 2) + "|",
+        ]
+        levels = sorted(
+            {int(key.rsplit("_", 3)[-3]) for key in served if key.endswith("_tok_s") and key.rsplit("_", 3)[-3].isdigit()}
+        )
         for clients in levels:
             values = [served.get(f"{e}_{clients}_tok_s") for e in engines]
             ratio = f"{values[-1] / values[0]:.2f}x" if values[0] and values[-1] else ""
             lines.append(f"| {clients} | " + " | ".join(f"{v:,.1f}" if v else "-" for v in values) + f" | {ratio} |")
         for name in ("generate-dynamic", "generate-static"):
             if f"{name}_tok_s" in served:
-                lines.append(f"\n`model.generate` one stream, {name.split('-')[1]} cache: {served[f'{name}_tok_s']:.1f} tok/s "
-                             f"(first call {served[f'{name}_first_call_s']:.0f} s)")
+                lines.append(
+                    f"\n`model.generate` one stream, {name.split('-')[1]} cache: {served[f'{name}_tok_s']:.1f} tok/s "
+                    f"(first call {served[f'{name}_first_call_s']:.0f} s)"
+                )
         floor = served["floor_tok_s"]
         for key, label in [(f"{e}_1_tok_s", e) for e in engines] + [("generate-static_tok_s", "generate, static cache")]:
             if key in served and floor == floor:
@@ -290,12 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=100, help="seconds per training mode")
     parser.add_argument("--serve-limit", type=int, default=240, help="seconds for the serving phase")
     parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
-    parser.add_argument("--engines", nargs="+", default=["loop", "continuous"],
-                        help="engines to serve with, each optionally with settings: continuous+PHI3FLOW_CB_ASYNC=1")
-    parser.add_argument("--generate", nargs="*", default=["generate-dynamic", "generate-static"],
-                        choices=["generate-dynamic", "generate-static"], help="model.generate baselines for one stream")
-    parser.add_argument("--serve-from", choices=["base", *MODES], default="packing",
-                        help="serve the base model or the adapter of a training mode")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["loop", "continuous"],
+        help="engines to serve with, each optionally with settings: continuous+PHI3FLOW_CB_ASYNC=1",
+    )
+    parser.add_argument(
+        "--generate",
+        nargs="*",
+        default=["generate-dynamic", "generate-static"],
+        choices=["generate-dynamic", "generate-static"],
+        help="model.generate baselines for one stream",
+    )
+    parser.add_argument(
+        "--serve-from", choices=["base", *MODES], default="packing", help="serve the base model or the adapter of a training mode"
+    )
     parser.add_argument("--phase", choices=["build", "train", "serve"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -313,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build(args.shape, tokenizer, model_dir, args.tiny)))
         return 0
     if args.phase == "train":
-        print(json.dumps(train(model_dir, data_dir, root / f"adapter-{args.mode}", args.mode, args.train_steps, args.train_warmup)))
+        print(
+            json.dumps(train(model_dir, data_dir, root / f"adapter-{args.mode}", args.mode, args.train_steps, args.train_warmup))
+        )
         return 0
     if args.phase == "serve":
         served_dir = model_dir if args.serve_from == "base" else root / f"adapter-{args.serve_from}"
@@ -328,11 +383,22 @@ def main(argv: list[str] | None = None) -> int:
     built = phase(args, "build", tokenizer_args, 180, root)
     if built is None:
         return 1
-    trained = {mode: phase(args, "train", ["--mode", mode, "--train-steps", str(args.train_steps),
-                                           "--train-warmup", str(args.train_warmup)], args.train_limit, root)
-               for mode in args.modes}
+    trained = {
+        mode: phase(
+            args,
+            "train",
+            ["--mode", mode, "--train-steps", str(args.train_steps), "--train-warmup", str(args.train_warmup)],
+            args.train_limit,
+            root,
+        )
+        for mode in args.modes
+    }
     serve_args = ["--serve-from", args.serve_from, "--engines", *args.engines, "--generate", *args.generate]
-    served = phase(args, "serve", serve_args, args.serve_limit, root) if args.serve_from == "base" or trained.get(args.serve_from) else None
+    served = (
+        phase(args, "serve", serve_args, args.serve_limit, root)
+        if args.serve_from == "base" or trained.get(args.serve_from)
+        else None
+    )
     text = report(args.shape, built, trained, served, gpu, args.engines)
     (root / "report.md").write_text(text + "\n")
     (root / "results.json").write_text(json.dumps({"gpu": gpu, "built": built, "trained": trained, "served": served}, indent=2))

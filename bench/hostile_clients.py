@@ -32,8 +32,12 @@ import requests
 from phi3flow.embedded import embedded_model_dir
 from phi3flow.serve import HOST, LocalEndpoint
 
-QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
-                           "parameters": {"temperature": 0, "max_new_tokens": 8}}}
+QUESTION = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"temperature": 0, "max_new_tokens": 8},
+    }
+}
 
 
 WORKERS = {"gthread": "-k gthread", "phi3flow": ""}  # extra GUNICORN_CMD_ARGS; command-line flags outrank the config file
@@ -45,7 +49,9 @@ def normal_latencies(endpoint: LocalEndpoint, count: int, patience: float) -> li
     for _ in range(count):
         start = time.perf_counter()
         try:
-            response = requests.post(endpoint.url, json=QUESTION, headers={"Authorization": f"Bearer {endpoint.key}"}, timeout=patience)
+            response = requests.post(
+                endpoint.url, json=QUESTION, headers={"Authorization": f"Bearer {endpoint.key}"}, timeout=patience
+            )
         except requests.Timeout:
             return [*latencies, math.inf]
         latencies.append(time.perf_counter() - start)
@@ -68,7 +74,7 @@ class Attack:
         for position in range(len(head)):
             for sock in list(self.slow):
                 try:
-                    sock.sendall(head[position:position + 1])
+                    sock.sendall(head[position : position + 1])
                 except OSError:  # the server gave up on it: that is the point
                     self.slow.remove(sock)
             if self.stopped.wait(self.interval):
@@ -86,8 +92,10 @@ class WrongKeyUploads:
     when the server cuts it off (`cut` counts those)."""
 
     def __init__(self, port: int, count: int):
-        self.head = (f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer wrong-key\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {1 << 20}\r\n\r\n").encode()
+        self.head = (
+            f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer wrong-key\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {1 << 20}\r\n\r\n"
+        ).encode()
         self.port, self.cut, self.stopped = port, 0, threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
         for thread in self.threads:
@@ -130,8 +138,10 @@ def chunked_upload(endpoint: LocalEndpoint, mib: int) -> tuple[str, int, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     sock = socket.create_connection((HOST, endpoint.port))
-    sock.sendall(f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {endpoint.key}\r\n"
-                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    sock.sendall(
+        f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {endpoint.key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
     chunk = b"100000\r\n" + b"[" * (1 << 20) + b"\r\n"
     sent = 0
     try:
@@ -171,14 +181,21 @@ def alternate(endpoint: LocalEndpoint, args: argparse.Namespace, attack) -> tupl
 def measure(worker: str, args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
     """{attack: (latencies alone, latencies under it)} with one worker class."""
     os.environ["GUNICORN_CMD_ARGS"] = WORKERS[worker]
-    with tempfile.TemporaryDirectory() as folder, LocalEndpoint(embedded_model_dir(), log_file=Path(folder) / "server.log") as endpoint:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        LocalEndpoint(embedded_model_dir(), log_file=Path(folder) / "server.log") as endpoint,
+    ):
         normal_latencies(endpoint, 2, args.patience)  # warm up
-        results = {"idle+slow": alternate(endpoint, args, lambda: Attack(endpoint.port, args.idle, args.slow)),
-                   "uploads": alternate(endpoint, args, lambda: WrongKeyUploads(endpoint.port, args.uploads))}
+        results = {
+            "idle+slow": alternate(endpoint, args, lambda: Attack(endpoint.port, args.idle, args.slow)),
+            "uploads": alternate(endpoint, args, lambda: WrongKeyUploads(endpoint.port, args.uploads)),
+        }
         if worker == "phi3flow":
             status, growth, sent = chunked_upload(endpoint, args.chunked_mib)
-            print(f"{args.chunked_mib} MiB chunked upload: {status!r} after {sent} MiB sent; server memory growth "
-                  f"{growth / 1e6:.1f} MB (goal: 413, < 20 MB)")
+            print(
+                f"{args.chunked_mib} MiB chunked upload: {status!r} after {sent} MiB sent; server memory growth "
+                f"{growth / 1e6:.1f} MB (goal: 413, < 20 MB)"
+            )
     return results
 
 
@@ -189,12 +206,16 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=50, help="wrong-key clients trickling 1 MiB bodies (default 50)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds alone / under attack (default 3)")
     parser.add_argument("--requests", type=int, default=3, help="normal requests per round, alone and under attack (default 3)")
-    parser.add_argument("--patience", type=float, default=60.0, help="seconds a normal request may take before it counts as not answered")
+    parser.add_argument(
+        "--patience", type=float, default=60.0, help="seconds a normal request may take before it counts as not answered"
+    )
     parser.add_argument("--chunked-mib", type=int, default=512)
     args = parser.parse_args()
-    print(f"normal request (greedy, 8 new tokens): median s alone / under attack; idle+slow: {args.idle} idle + {args.slow} "
-          f"slow-header connections (goal: delay < 1 s); uploads: {args.uploads} wrong-key clients trickling 1 MiB bodies "
-          f"(goal: < 4x alone); > {args.patience:.0f} s counts as not answered")
+    print(
+        f"normal request (greedy, 8 new tokens): median s alone / under attack; idle+slow: {args.idle} idle + {args.slow} "
+        f"slow-header connections (goal: delay < 1 s); uploads: {args.uploads} wrong-key clients trickling 1 MiB bodies "
+        f"(goal: < 4x alone); > {args.patience:.0f} s counts as not answered"
+    )
     for worker in WORKERS:
         for attack, (alone, attacked) in measure(worker, args).items():
             before, during = statistics.median(alone), statistics.median(attacked)

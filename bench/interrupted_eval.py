@@ -46,16 +46,44 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=40)
     parser.add_argument("--stop-after", type=int, default=10, help="answers written before the signal (default 10)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder, LocalEndpoint(embedded_model_dir(), log_file=Path(folder) / "server.log") as endpoint:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        LocalEndpoint(embedded_model_dir(), log_file=Path(folder) / "server.log") as endpoint,
+    ):
         data = Path(folder) / "test_data.jsonl"
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
-                                for i in range(args.lines)))
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(args.lines)
+            )
+        )
         env = {**os.environ, KEY_ENV: endpoint.key}
         for name, signum in [("Ctrl+C (SIGINT)", signal.SIGINT), ("kill -9 (SIGKILL)", signal.SIGKILL)]:
             out = Path(folder) / name.split()[0]
-            command = [sys.executable, "-m", "phi3flow.cli", "eval", "--candidate", endpoint.url, "--data", str(data),
-                       "--output-dir", str(out), "--concurrency", "4", "--max-new-tokens", "16"]
+            command = [
+                sys.executable,
+                "-m",
+                "phi3flow.cli",
+                "eval",
+                "--candidate",
+                endpoint.url,
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--concurrency",
+                "4",
+                "--max-new-tokens",
+                "16",
+            ]
             before = settled(endpoint.log_file)
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             predictions = out / "candidate.predictions.jsonl"
@@ -70,9 +98,11 @@ def main() -> None:
             subprocess.run([*command, "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
             asked_again = settled(endpoint.log_file) - before - sent
             final = [r["index"] for r in records(predictions)]
-            print(f"{name}: exited {stopped_s:.2f} s after the signal; the server answered {sent} requests, "
-                  f"{kept} answers kept, {sent - kept} dropped in flight; --resume asked {asked_again} again; "
-                  f"lines lost {args.lines - len(set(final))}, duplicated {len(final) - len(set(final))} of {args.lines}")
+            print(
+                f"{name}: exited {stopped_s:.2f} s after the signal; the server answered {sent} requests, "
+                f"{kept} answers kept, {sent - kept} dropped in flight; --resume asked {asked_again} again; "
+                f"lines lost {args.lines - len(set(final))}, duplicated {len(final) - len(set(final))} of {args.lines}"
+            )
 
 
 if __name__ == "__main__":

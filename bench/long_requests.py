@@ -24,10 +24,18 @@ import requests
 from phi3flow.embedded import embedded_model_dir
 from phi3flow.serve import LocalEndpoint
 
-LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
-                       "parameters": {"max_new_tokens": 4096, "temperature": 2.0}}}
-SHORT = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
-                        "parameters": {"max_new_tokens": 16, "temperature": 0}}}
+LONG = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
+        "parameters": {"max_new_tokens": 4096, "temperature": 2.0},
+    }
+}
+SHORT = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"max_new_tokens": 16, "temperature": 0},
+    }
+}
 
 
 def short(endpoint: LocalEndpoint) -> tuple[float, int]:
@@ -50,12 +58,21 @@ def long_prompts(endpoint: LocalEndpoint, rounds: int, prompts: int = 2) -> None
     words = "The river flows past the old mill and the children play on its banks. " * 520  # ~8,000 tokens
     alone = statistics.median(short(endpoint)[0] for _ in range(rounds))
     before = worker_rss(endpoint)
-    bodies = [{"input_data": {"input_string": [{"role": "user", "content": f"Summarise text {i}: {words}"}],
-                              "parameters": {"max_new_tokens": 32, "temperature": 0}}} for i in range(prompts)]
+    bodies = [
+        {
+            "input_data": {
+                "input_string": [{"role": "user", "content": f"Summarise text {i}: {words}"}],
+                "parameters": {"max_new_tokens": 32, "temperature": 0},
+            }
+        }
+        for i in range(prompts)
+    ]
     with ThreadPoolExecutor(prompts) as pool:
         began = time.perf_counter()
-        answers = [pool.submit(requests.post, endpoint.url, json=b, timeout=1800,
-                               headers={"Authorization": f"Bearer {endpoint.key}"}) for b in bodies]
+        answers = [
+            pool.submit(requests.post, endpoint.url, json=b, timeout=1800, headers={"Authorization": f"Bearer {endpoint.key}"})
+            for b in bodies
+        ]
         time.sleep(1.0)  # their prefill has begun
         beside, peak = [], before
         for _ in range(rounds):
@@ -69,10 +86,14 @@ def long_prompts(endpoint: LocalEndpoint, rounds: int, prompts: int = 2) -> None
     time.sleep(2)
     after = worker_rss(endpoint)
     under_load = statistics.median(beside)
-    print(f"short request (16 tokens, greedy), median of {rounds}: alone {alone:.2f} s, beside {prompts} x ~8k-token prompts "
-          f"{under_load:.2f} s (x{under_load / alone:.2f}; worst x{max(beside) / alone:.2f}); the long ones answered in {took:.0f} s")
-    print(f"worker memory: {before / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB at peak, {after / 2**20:.0f} MiB after "
-          f"(+{(after - before) / 2**20:.0f} MiB)")
+    print(
+        f"short request (16 tokens, greedy), median of {rounds}: alone {alone:.2f} s, beside {prompts} x ~8k-token prompts "
+        f"{under_load:.2f} s (x{under_load / alone:.2f}; worst x{max(beside) / alone:.2f}); the long ones answered in {took:.0f} s"
+    )
+    print(
+        f"worker memory: {before / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB at peak, {after / 2**20:.0f} MiB after "
+        f"(+{(after - before) / 2**20:.0f} MiB)"
+    )
 
 
 def main() -> None:
@@ -95,8 +116,11 @@ def main() -> None:
         clients = []
         for _ in range(args.long_clients):
             sock = socket.create_connection(("127.0.0.1", endpoint.port))
-            sock.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {endpoint.key}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            sock.sendall(
+                f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {endpoint.key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
             clients.append(sock)
         time.sleep(3)
         loaded = [short(endpoint) for _ in range(args.rounds)]
@@ -107,9 +131,11 @@ def main() -> None:
         while short(endpoint)[1] != 1:
             pass
         freed = time.perf_counter() - hung_up
-    print(f"short request (16 tokens, greedy), median of {args.rounds}: alone {alone:.2f} s, "
-          f"beside {args.long_clients} x 4,096-token clients {under_load:.2f} s (x{under_load / alone:.2f}; "
-          f"decoded in batches of {max(size for _, size in loaded)})")
+    print(
+        f"short request (16 tokens, greedy), median of {args.rounds}: alone {alone:.2f} s, "
+        f"beside {args.long_clients} x 4,096-token clients {under_load:.2f} s (x{under_load / alone:.2f}; "
+        f"decoded in batches of {max(size for _, size in loaded)})"
+    )
     print(f"after those clients hung up, their generation stopped within {freed:.1f} s (instead of running to 4,096 tokens)")
 
 

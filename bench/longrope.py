@@ -52,8 +52,16 @@ def run(chat: ChatModel, rows: int, per_row: bool) -> tuple[float, list[tuple[in
     decoder = TimedDecoder(chat)
     if not per_row:
         decoder.rotary = None
-    request = parse_request(json.dumps({"input_data": {"input_string": [{"role": "user", "content": PROMPT}],
-                                                       "parameters": {"temperature": 0, "max_new_tokens": 48}}}).encode())
+    request = parse_request(
+        json.dumps(
+            {
+                "input_data": {
+                    "input_string": [{"role": "user", "content": PROMPT}],
+                    "parameters": {"temperature": 0, "max_new_tokens": 48},
+                }
+            }
+        ).encode()
+    )
     jobs = [Job(chat.encode(request.messages, 48)[0], request.params) for _ in range(rows)]
     began = time.perf_counter()
     answers = [tokens for _, tokens in decoder.decode(jobs)]
@@ -75,16 +83,24 @@ def main() -> None:
         return statistics.median(s for _, passes, _ in results[per_row] for _, cols, s in passes[1:] if cols == 1)
 
     # per generated token: the two paths' answers differ, and so may their lengths
-    total = {per_row: statistics.median(seconds / sum(map(len, answers)) for seconds, _, answers in runs)
-             for per_row, runs in results.items()}
+    total = {
+        per_row: statistics.median(seconds / sum(map(len, answers)) for seconds, _, answers in runs)
+        for per_row, runs in results.items()
+    }
     reprefill = statistics.median(s for _, passes, _ in results[True] for _, cols, s in passes[1:] if cols > 1)
     print(f"{args.rows} rows x (44-token prompt + 48 greedy tokens, crossing position 64), fp32, median of {args.rounds}:")
-    print(f"  decode step: per-row factors {step_s(True) * 1000:.1f} ms vs the model's own rule {step_s(False) * 1000:.1f} ms "
-          f"(x{step_s(True) / step_s(False):.2f})")
-    print(f"  re-prefill at the switch (the {args.rows} rows' 65 tokens, once): {reprefill * 1000:.1f} ms = "
-          f"{reprefill / step_s(True):.1f} decode steps")
-    print(f"  end to end per generated token: {total[True] * 1000:.1f} ms vs {total[False] * 1000:.1f} ms "
-          f"(x{total[True] / total[False]:.2f}); answers differ from the old path's: {results[True][0][2] != results[False][0][2]}")
+    print(
+        f"  decode step: per-row factors {step_s(True) * 1000:.1f} ms vs the model's own rule {step_s(False) * 1000:.1f} ms "
+        f"(x{step_s(True) / step_s(False):.2f})"
+    )
+    print(
+        f"  re-prefill at the switch (the {args.rows} rows' 65 tokens, once): {reprefill * 1000:.1f} ms = "
+        f"{reprefill / step_s(True):.1f} decode steps"
+    )
+    print(
+        f"  end to end per generated token: {total[True] * 1000:.1f} ms vs {total[False] * 1000:.1f} ms "
+        f"(x{total[True] / total[False]:.2f}); answers differ from the old path's: {results[True][0][2] != results[False][0][2]}"
+    )
 
 
 if __name__ == "__main__":

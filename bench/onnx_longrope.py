@@ -55,7 +55,7 @@ def steps(library, ids: list[int], switch: int) -> tuple[float, float, float]:
     decode = [timed(generator.generate_next_token) for _ in range(switch + 1 - len(ids))]
     sequence = generator.get_sequence(0).tolist()
     crossing = timed(lambda: (generator.rewind_to(0), generator.append_tokens(np.asarray([sequence], dtype=np.int32))))
-    full = (sequence * 4)[:4 * switch - 1]
+    full = (sequence * 4)[: 4 * switch - 1]
     generator.rewind_to(0)
     whole = timed(lambda: generator.append_tokens(np.asarray([full], dtype=np.int32)))
     return statistics.median(decode), crossing, whole
@@ -105,16 +105,20 @@ def main() -> None:
         timings = [steps(library, ids, switch) for _ in range(args.rounds)]
         decode, crossing, whole = (statistics.median(t[i] for t in timings) for i in range(3))
         print(f"{len(ids)}-token prompt, {PARAMS.max_new_tokens} new tokens, LongRoPE switch at {switch}, fp32, this CPU")
-        print(f"decode step {decode * 1e3:.1f} ms | crossing recomputation ({switch + 1} tokens) {crossing * 1e3:.1f} ms ="
-              f" {crossing / decode:.1f} decode steps | prefill of {4 * switch - 1} tokens {whole * 1e3:.1f} ms ="
-              f" {whole / decode:.1f} decode steps")
+        print(
+            f"decode step {decode * 1e3:.1f} ms | crossing recomputation ({switch + 1} tokens) {crossing * 1e3:.1f} ms ="
+            f" {crossing / decode:.1f} decode steps | prefill of {4 * switch - 1} tokens {whole * 1e3:.1f} ms ="
+            f" {whole / decode:.1f} decode steps"
+        )
         for clients in (1, 4):
             ours = [engine_rate(engine, ids, clients) for _ in range(args.rounds)]
             theirs = [library_rate(library, ids, clients) for _ in range(args.rounds)]
-            print(f"{clients} crossing request(s): engine {statistics.median(ours):6.1f} tok/s (generate()'s answer"
-                  f"{', each alone' if clients > 1 else ''}) | library decode {statistics.median(theirs):6.1f} tok/s"
-                  f" (no recomputation{', one batch' if clients > 1 else ''}: another answer)"
-                  f" | engine/library {statistics.median(ours) / statistics.median(theirs):.2f}x")
+            print(
+                f"{clients} crossing request(s): engine {statistics.median(ours):6.1f} tok/s (generate()'s answer"
+                f"{', each alone' if clients > 1 else ''}) | library decode {statistics.median(theirs):6.1f} tok/s"
+                f" (no recomputation{', one batch' if clients > 1 else ''}: another answer)"
+                f" | engine/library {statistics.median(ours) / statistics.median(theirs):.2f}x"
+            )
         engine.close()
 
 

@@ -34,8 +34,12 @@ GOALS = {1: 120.0, 16: 300.0}  # issue 18's goals for the ONNX engine, tok/s on 
 
 
 def prompts(model: ChatModel, clients: int) -> list[list[int]]:
-    return [model.encode([{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}],
-                         PARAMS.max_new_tokens)[0] for i in range(clients)]
+    return [
+        model.encode(
+            [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}], PARAMS.max_new_tokens
+        )[0]
+        for i in range(clients)
+    ]
 
 
 def rate(engine: Engine, model: ChatModel, clients: int) -> float:
@@ -75,8 +79,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per client count (default 3)")
     parser.add_argument("--output-dir", help="where the ONNX export goes (default: a temporary folder)")
-    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
-                        help=f"int4 weights per scale of the export (default {DEFAULT_BLOCK_SIZE}, as phi3flow export)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"int4 weights per scale of the export (default {DEFAULT_BLOCK_SIZE}, as phi3flow export)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.output_dir or scratch) / "embedded-int4"
@@ -94,18 +103,24 @@ def main() -> None:
                 for name, engine in engines.items():
                     rates[name].append(rate(engine, models[name], clients))
             loop, onnx = statistics.median(rates["loop"]), statistics.median(rates["onnx-int4"])
-            print(f"{clients:>2} client(s): loop {loop:6.1f} tok/s | onnx-int4 {onnx:6.1f} tok/s | onnx/loop {onnx / loop:4.2f}x"
-                  f" | goal {GOALS[clients]:.0f} tok/s: {'met' if onnx >= GOALS[clients] else 'not met'}"
-                  f"  (rounds: loop {', '.join(f'{r:.0f}' for r in rates['loop'])}; onnx {', '.join(f'{r:.0f}' for r in rates['onnx-int4'])})")
+            print(
+                f"{clients:>2} client(s): loop {loop:6.1f} tok/s | onnx-int4 {onnx:6.1f} tok/s | onnx/loop {onnx / loop:4.2f}x"
+                f" | goal {GOALS[clients]:.0f} tok/s: {'met' if onnx >= GOALS[clients] else 'not met'}"
+                f"  (rounds: loop {', '.join(f'{r:.0f}' for r in rates['loop'])}; onnx {', '.join(f'{r:.0f}' for r in rates['onnx-int4'])})"
+            )
         for engine in engines.values():
             engine.close()
         import onnxruntime_genai as og
 
         library = og.Model(og.Config(str(folder)))
-        decode = {clients: statistics.median(decode_only(library, models["onnx-int4"], clients) for _ in range(args.rounds))
-                  for clients in (1, 16)}
-        print(f"library decode-only, prefill left out (issue 18: 136 / 334): 1 row {decode[1]:.1f} tok/s,"
-              f" 16 rows {decode[16]:.1f} tok/s")
+        decode = {
+            clients: statistics.median(decode_only(library, models["onnx-int4"], clients) for _ in range(args.rounds))
+            for clients in (1, 16)
+        }
+        print(
+            f"library decode-only, prefill left out (issue 18: 136 / 334): 1 row {decode[1]:.1f} tok/s,"
+            f" 16 rows {decode[16]:.1f} tok/s"
+        )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,15 @@ from phi3flow.embedded import embedded_model_dir
 from phi3flow.serve import LocalEndpoint
 
 COUNTRIES = ["France", "Japan", "Germany", "Egypt", "Kenya", "Canada", "Italy", "Spain"]
-SETUPS = {"naive": {"threads": 1, "env": {"PHI3FLOW_MAX_BATCH": "1"}}, "batched": {"threads": 32, "env": {"PHI3FLOW_MAX_BATCH": "16"}}}
+SETUPS = {
+    "naive": {"threads": 1, "env": {"PHI3FLOW_MAX_BATCH": "1"}},
+    "batched": {"threads": 32, "env": {"PHI3FLOW_MAX_BATCH": "16"}},
+}
 
 
-def load(endpoint: LocalEndpoint, clients: int, per_client: int, max_new_tokens: int, tokenizer) -> tuple[float, list[float], int]:
+def load(
+    endpoint: LocalEndpoint, clients: int, per_client: int, max_new_tokens: int, tokenizer
+) -> tuple[float, list[float], int]:
     """(elapsed seconds, latencies, generated tokens) for `clients` closed-loop clients."""
     client = EndpointClient(endpoint.url, endpoint.key, pool_size=clients)
 
@@ -54,9 +59,17 @@ def main() -> None:
     model_dir = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with ExitStack() as stack:
-        endpoints = {name: stack.enter_context(LocalEndpoint(model_dir, threads=setup["threads"], env=setup["env"],
-                                                             log_file=Path(tempfile.gettempdir()) / f"phi3flow-bench-{name}.log"))
-                     for name, setup in SETUPS.items()}
+        endpoints = {
+            name: stack.enter_context(
+                LocalEndpoint(
+                    model_dir,
+                    threads=setup["threads"],
+                    env=setup["env"],
+                    log_file=Path(tempfile.gettempdir()) / f"phi3flow-bench-{name}.log",
+                )
+            )
+            for name, setup in SETUPS.items()
+        }
         for endpoint in endpoints.values():
             load(endpoint, 1, 1, args.max_new_tokens, tokenizer)  # warm-up
         totals = {(name, clients): [0.0, [], 0] for name in SETUPS for clients in args.clients}
@@ -75,11 +88,15 @@ def main() -> None:
         latencies = sorted(latencies)
         rows[name, clients] = {"rps": len(latencies) / elapsed, "p50": statistics.median(latencies)}
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-        print(f"{clients:>7} {name:>8} {len(latencies) / elapsed:7.2f} {tokens / elapsed:7.1f} {rows[name, clients]['p50']:7.2f} {p95:7.2f}")
+        print(
+            f"{clients:>7} {name:>8} {len(latencies) / elapsed:7.2f} {tokens / elapsed:7.1f} {rows[name, clients]['p50']:7.2f} {p95:7.2f}"
+        )
     print()
     for clients in args.clients:
         naive, batched = rows["naive", clients], rows["batched", clients]
-        print(f"{clients:>2} clients: throughput x{batched['rps'] / naive['rps']:.2f}, p50 latency x{batched['p50'] / naive['p50']:.2f} (batched / naive)")
+        print(
+            f"{clients:>2} clients: throughput x{batched['rps'] / naive['rps']:.2f}, p50 latency x{batched['p50'] / naive['p50']:.2f} (batched / naive)"
+        )
 
 
 if __name__ == "__main__":

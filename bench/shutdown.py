@@ -31,11 +31,19 @@ KEY = "bench-shutdown-key"
 
 
 def ask(url: str, content: str, tokens: int, stopped: list[float], out: dict, name: str) -> None:
-    body = {"input_data": {"input_string": [{"role": "user", "content": content}],
-                           "parameters": {"temperature": 0, "max_new_tokens": tokens}}}
+    body = {
+        "input_data": {
+            "input_string": [{"role": "user", "content": content}],
+            "parameters": {"temperature": 0, "max_new_tokens": tokens},
+        }
+    }
     try:
         response = requests.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-        message = response.json().get("message", "answer") if response.headers.get("Content-Type") == "application/json" else response.text[:60]
+        message = (
+            response.json().get("message", "answer")
+            if response.headers.get("Content-Type") == "application/json"
+            else response.text[:60]
+        )
         out[name] = (time.monotonic() - stopped[0], f"{response.status_code} {message}")
     except requests.RequestException as exc:
         out[name] = (time.monotonic() - stopped[0], f"no HTTP answer ({type(exc).__name__})")
@@ -55,14 +63,21 @@ def refused_after(port: int, since: float, limit: float = 30.0) -> float:
 def one_round(drain: float | None) -> dict:
     port = free_port()
     env = {**os.environ, KEY_ENV: KEY, **({DRAIN_ENV: str(drain)} if drain is not None else {})}
-    server = subprocess.Popen([sys.executable, "-m", "phi3flow.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "phi3flow.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in server.stdout:
             if line.startswith("Scoring URL"):
                 break
         url, stopped, out = f"http://{HOST}:{port}/score", [0.0], {}
-        long = threading.Thread(target=ask, args=(url, "Write a long story about a dragon and a knight.", 1000, stopped, out, "long"))
+        long = threading.Thread(
+            target=ask, args=(url, "Write a long story about a dragon and a knight.", 1000, stopped, out, "long")
+        )
         long.start()
         time.sleep(2.0)
         short = threading.Thread(target=ask, args=(url, "What is the capital of France?", 4, stopped, out, "short"))
@@ -94,11 +109,15 @@ def main() -> None:
     args = parser.parse_args()
     rounds = [one_round(args.drain) for _ in range(args.rounds)]
     for i, out in enumerate(rounds, 1):
-        print(f"round {i}: refused new connections after {out['refused']:.2f} s; short request: {out['short'][1]} "
-              f"at {out['short'][0]:.2f} s; long request: {out['long'][1]} at {out['long'][0]:.2f} s; serve exited after "
-              f"{out['exited']:.2f} s; port {out['port']}")
-    print(f"median: refused after {statistics.median(o['refused'] for o in rounds):.2f} s, exited after "
-          f"{statistics.median(o['exited'] for o in rounds):.2f} s")
+        print(
+            f"round {i}: refused new connections after {out['refused']:.2f} s; short request: {out['short'][1]} "
+            f"at {out['short'][0]:.2f} s; long request: {out['long'][1]} at {out['long'][0]:.2f} s; serve exited after "
+            f"{out['exited']:.2f} s; port {out['port']}"
+        )
+    print(
+        f"median: refused after {statistics.median(o['refused'] for o in rounds):.2f} s, exited after "
+        f"{statistics.median(o['exited'] for o in rounds):.2f} s"
+    )
 
 
 if __name__ == "__main__":

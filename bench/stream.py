@@ -69,8 +69,13 @@ def latency(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
             for round_ in range(args.rounds):
                 for mode in ("json", "stream") if round_ % 2 == 0 else ("stream", "json"):
                     results[clients][mode] += concurrent(client, clients, mode == "stream", args.max_new_tokens)
-    return {clients: {mode: {key: statistics.median(r[key] for r in runs) for key in ("first", "full", "pieces")}
-                      for mode, runs in modes.items()} for clients, modes in results.items()}
+    return {
+        clients: {
+            mode: {key: statistics.median(r[key] for r in runs) for key in ("first", "full", "pieces")}
+            for mode, runs in modes.items()
+        }
+        for clients, modes in results.items()
+    }
 
 
 class InstantStream(BaseHTTPRequestHandler):
@@ -121,8 +126,10 @@ def per_piece(pieces: int, calls: int) -> dict[str, float]:
     body = {"input_data": {"input_string": [{"role": "user", "content": "Who founded Microsoft?"}], "parameters": {}}}
     connection = CustomConnection(configs={"endpoint": url}, secrets={"key": "bench-key"})
     session = requests.Session()
-    readers = {"bare requests reader": lambda: bare_reader(session, url, body),
-               "tool, stream=True": lambda: sum(1 for _ in chat(connection, "Who founded Microsoft?", stream=True))}
+    readers = {
+        "bare requests reader": lambda: bare_reader(session, url, body),
+        "tool, stream=True": lambda: sum(1 for _ in chat(connection, "Who founded Microsoft?", stream=True)),
+    }
     samples: dict[str, list[float]] = {name: [] for name in readers}
     for call in range(calls + 5):  # the first 5 warm up; readers alternate
         for name, read in readers.items():
@@ -151,8 +158,10 @@ def main() -> None:
     print()
     for clients, modes in rows.items():
         json_full, streamed = modes["json"]["full"], modes["stream"]
-        print(f"{clients:>2} clients: first piece after {streamed['first'] / json_full:.2f}x the JSON answer's wait "
-              f"({json_full / streamed['first']:.1f}x sooner); streamed full answer / JSON answer {streamed['full'] / json_full:.2f}x")
+        print(
+            f"{clients:>2} clients: first piece after {streamed['first'] / json_full:.2f}x the JSON answer's wait "
+            f"({json_full / streamed['first']:.1f}x sooner); streamed full answer / JSON answer {streamed['full'] / json_full:.2f}x"
+        )
     print()
     cost = per_piece(args.pieces, args.calls)
     for name, micros in cost.items():
@@ -160,9 +169,11 @@ def main() -> None:
     added = cost["tool, stream=True"] - cost["bare requests reader"]
     one_client = rows[min(rows)]["stream"]
     gap_us = (one_client["full"] - one_client["first"]) / max(one_client["pieces"] - 1, 1) * 1e6
-    print(f"tool / bare reader {cost['tool, stream=True'] / cost['bare requests reader']:.2f}x ({added:+.1f} us per piece); "
-          f"the tool's whole cost per piece is {cost['tool, stream=True'] / gap_us:.2%} of the {gap_us / 1000:.0f} ms "
-          f"between pieces at {min(rows)} client")
+    print(
+        f"tool / bare reader {cost['tool, stream=True'] / cost['bare requests reader']:.2f}x ({added:+.1f} us per piece); "
+        f"the tool's whole cost per piece is {cost['tool, stream=True'] / gap_us:.2%} of the {gap_us / 1000:.0f} ms "
+        f"between pieces at {min(rows)} client"
+    )
 
 
 if __name__ == "__main__":

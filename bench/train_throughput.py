@@ -35,18 +35,29 @@ def measure(packing: bool, steps: int, warmup: int, data_dir: Path, config: str)
     from phi3flow.finetune.config import load_config
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(config, {
-            "packing": packing, "max_steps": steps, "eval_strategy": "no", "save_steps": 10**6, "logging_steps": steps,
-            "output_dir": out, "train_file": str(data_dir / "train_data.jsonl"),
-            "test_file": str(data_dir / "test_data.jsonl"),
-        })
+        cfg = load_config(
+            config,
+            {
+                "packing": packing,
+                "max_steps": steps,
+                "eval_strategy": "no",
+                "save_steps": 10**6,
+                "logging_steps": steps,
+                "output_dir": out,
+                "train_file": str(data_dir / "train_data.jsonl"),
+                "test_file": str(data_dir / "test_data.jsonl"),
+            },
+        )
         prepared = train.prepare(cfg)
         clock = StepClock()
         prepared.trainer.add_callback(clock)
         prepared.trainer.train()
     (t0, n0), (t1, n1) = clock.marks[warmup - 1], clock.marks[-1]
-    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (steps - warmup),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "tokens_per_s": (n1 - n0) / (t1 - t0),
+        "s_per_step": (t1 - t0) / (steps - warmup),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +85,20 @@ def main(argv: list[str] | None = None) -> int:
             data.main(["--sample", "--output-dir", tmp])
         results = {}
         for mode in ("padding", "packing"):
-            command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--config", args.config, "--data-dir", str(data_dir)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--config",
+                args.config,
+                "--data-dir",
+                str(data_dir),
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
@@ -86,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode, r in results.items():
         print(f"{mode:<8} {r['tokens_per_s']:>10.1f} {r['s_per_step']:>8.2f} {r['peak_rss_mib']:>13.0f}")
     pack, pad = results["packing"], results["padding"]
-    print(f"packing/padding: tokens/s x{pack['tokens_per_s'] / pad['tokens_per_s']:.2f}, "
-          f"peak RSS x{pack['peak_rss_mib'] / pad['peak_rss_mib']:.2f}")
+    print(
+        f"packing/padding: tokens/s x{pack['tokens_per_s'] / pad['tokens_per_s']:.2f}, "
+        f"peak RSS x{pack['peak_rss_mib'] / pad['peak_rss_mib']:.2f}"
+    )
     return 0
 
 

@@ -59,10 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"prompt_id, messages). Default source: {ULTRACHAT} {ULTRACHAT_SPLIT} from the Hugging Face Hub.",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--sample", action="store_true",
-                        help=f"offline: write the sample this project generates (licence {SAMPLE_LICENSE})")
-    source.add_argument("--from-jsonl", metavar="FILE", type=Path,
-                        help="your own conversations, one {messages: [{role, content}, ...]} object per line")
+    source.add_argument(
+        "--sample", action="store_true", help=f"offline: write the sample this project generates (licence {SAMPLE_LICENSE})"
+    )
+    source.add_argument(
+        "--from-jsonl",
+        metavar="FILE",
+        type=Path,
+        help="your own conversations, one {messages: [{role, content}, ...]} object per line",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("data"), help="output folder (default: data)")
     parser.add_argument("--test-size", type=float, default=0.2, help="held-out fraction (default: 0.2)")
     parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
@@ -87,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     rows, origin = ultrachat_rows(args.dataset, args.config, args.split), f"{args.dataset} {args.split}"
                 except ConnectionError as exc:
-                    print(f"phi3flow data: cannot load {args.dataset} ({exc}); offline, run 'phi3flow data --sample' "
-                          "or 'phi3flow data --from-jsonl FILE'.", file=sys.stderr)
+                    print(
+                        f"phi3flow data: cannot load {args.dataset} ({exc}); offline, run 'phi3flow data --sample' "
+                        "or 'phi3flow data --from-jsonl FILE'.",
+                        file=sys.stderr,
+                    )
                     return 1
             train, test = split_rows(rows, args.test_size, args.seed)
     except DataError as exc:

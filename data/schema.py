@@ -81,8 +81,10 @@ def read_jsonl(path: str | Path, max_reported: int = 20) -> list[Row]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                f"{exc.start + 1}); save the file as UTF-8") from None
+                raise DataError(
+                    f"{path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

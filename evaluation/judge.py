@@ -14,11 +14,11 @@ from phi3flow.errors import Phi3flowError
 # metric -> rubric (higher is better for all of them)
 JUDGED: dict[str, str] = {
     "coherence": "Coherence: does the answer read as a logical, well-organised whole that addresses the question? "
-                 "1 = incoherent, 5 = perfectly coherent.",
+    "1 = incoherent, 5 = perfectly coherent.",
     "fluency": "Fluency: is the answer grammatical, well-worded and easy to read, regardless of its content? "
-               "1 = broken language, 5 = flawless.",
+    "1 = broken language, 5 = flawless.",
     "relevance": "Relevance: does the answer address the question with the key information it asks for? "
-                 "1 = off-topic, 5 = fully relevant and complete.",
+    "1 = off-topic, 5 = fully relevant and complete.",
 }
 SYSTEM = "You are an impartial evaluator of AI assistant answers. Reply with a single digit from 1 to 5 and nothing else."
 
@@ -44,8 +44,10 @@ class Judge:
         try:
             connection = PFClient().connections.get(name, with_secrets=True)
         except Exception as exc:  # promptflow's not-found error types vary by version
-            raise JudgeError(f"cannot read Azure OpenAI connection '{name}' ({type(exc).__name__}): create it with "
-                             "'pf connection create' (type azure_open_ai)") from None
+            raise JudgeError(
+                f"cannot read Azure OpenAI connection '{name}' ({type(exc).__name__}): create it with "
+                "'pf connection create' (type azure_open_ai)"
+            ) from None
         if getattr(connection, "api_base", None) is None:
             raise JudgeError(f"connection '{name}' is not an Azure OpenAI connection (it has no api_base)")
         return cls(connection.api_base, connection.api_key, deployment, getattr(connection, "api_version", None) or "2024-06-01")
@@ -59,7 +61,9 @@ class Judge:
             prompt = f"{rubric}\n\nQuestion: {question}\n\nAnswer: {answer}\n\nRating (1-5):"
             try:
                 reply = self.client.chat.completions.create(
-                    model=self.deployment, temperature=0, max_tokens=3,
+                    model=self.deployment,
+                    temperature=0,
+                    max_tokens=3,
                     messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
                 )
             except OpenAIError as exc:

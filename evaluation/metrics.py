@@ -17,8 +17,14 @@ from functools import lru_cache
 import numpy as np
 
 # metric -> True when higher is better; length_ratio is best at 1.0 and is compared as |ratio - 1|.
-METRICS: dict[str, bool] = {"exact_match": True, "contains_fact": True, "rouge_l": True, "sentence_bleu": True,
-                            "token_f1": True, "length_ratio": False}
+METRICS: dict[str, bool] = {
+    "exact_match": True,
+    "contains_fact": True,
+    "rouge_l": True,
+    "sentence_bleu": True,
+    "token_f1": True,
+    "length_ratio": False,
+}
 CORPUS_METRICS: dict[str, bool] = {"corpus_bleu": True}  # computed over all lines at once, not a mean of lines
 SIGNIFICANCE = 0.05
 RESAMPLES = 10000  # permutation resamples: the smallest p a comparison can show is 1 / (RESAMPLES + 1)
@@ -85,7 +91,7 @@ def contains_fact(prediction: str, reference: str, question: str) -> float:
     fact, answer = reference_fact(question, reference), tokens(prediction)
     if not fact:
         return exact_match(prediction, reference)
-    return float(any(answer[i:i + len(fact)] == fact for i in range(len(answer) - len(fact) + 1)))
+    return float(any(answer[i : i + len(fact)] == fact for i in range(len(answer) - len(fact) + 1)))
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -107,9 +113,14 @@ def length_ratio(prediction: str, reference: str) -> float:
 
 def line_metrics(prediction: str, reference: str, question: str) -> dict[str, float]:
     """Every metric of METRICS for one answer to `question`."""
-    return {"exact_match": exact_match(prediction, reference), "contains_fact": contains_fact(prediction, reference, question),
-            "rouge_l": float(rouge_l(prediction, reference)), "sentence_bleu": float(sentence_bleu(prediction, reference)),
-            "token_f1": token_f1(prediction, reference), "length_ratio": length_ratio(prediction, reference)}
+    return {
+        "exact_match": exact_match(prediction, reference),
+        "contains_fact": contains_fact(prediction, reference, question),
+        "rouge_l": float(rouge_l(prediction, reference)),
+        "sentence_bleu": float(sentence_bleu(prediction, reference)),
+        "token_f1": token_f1(prediction, reference),
+        "length_ratio": length_ratio(prediction, reference),
+    }
 
 
 # --- corpus BLEU from per-line sufficient statistics (what sacrebleu's own paired tests resample) --------------
@@ -126,7 +137,9 @@ def bleu_statistics(predictions: Sequence[str], references: Sequence[str]) -> np
     """One row of BLEU counts per line (lengths, n-gram matches and totals); summed rows give corpus BLEU."""
     if not predictions:  # every line failed: no rows, and the statistics say n/a
         return np.zeros((0, 2 + 2 * _bleu().max_ngram_order))
-    return np.asarray(_bleu()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float).reshape(len(predictions), -1)
+    return np.asarray(_bleu()._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float).reshape(
+        len(predictions), -1
+    )
 
 
 def corpus_bleu_statistic(stats: np.ndarray) -> np.ndarray:
@@ -149,11 +162,12 @@ def mean_statistic(values: np.ndarray) -> np.ndarray:
 
 def _chunked(statistic: Statistic, data: np.ndarray, indices: np.ndarray, chunk: int = 500) -> np.ndarray:
     """statistic over data[indices] for (resamples, lines) indices, a chunk of resamples at a time (bounded memory)."""
-    return np.concatenate([statistic(data[indices[i:i + chunk]]) for i in range(0, len(indices), chunk)])
+    return np.concatenate([statistic(data[indices[i : i + chunk]]) for i in range(0, len(indices), chunk)])
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, resamples: int = 2000, seed: int = 0,
-                 statistic: Statistic = mean_statistic) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, resamples: int = 2000, seed: int = 0, statistic: Statistic = mean_statistic
+) -> tuple[float, float]:
     """Percentile bootstrap 95% confidence interval of the statistic (seeded, so reports are reproducible)."""
     data = np.asarray(values, dtype=float)
     if data.shape[0] == 0:
@@ -171,8 +185,14 @@ def summarize(values: Sequence[float] | np.ndarray, statistic: Statistic = mean_
     return {"mean": value, "ci_low": low, "ci_high": high, "n": int(data.shape[0])}
 
 
-def paired_comparison(candidate: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray, higher_is_better: bool = True,
-                      resamples: int = RESAMPLES, seed: int = 0, statistic: Statistic = mean_statistic) -> dict:
+def paired_comparison(
+    candidate: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    higher_is_better: bool = True,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    statistic: Statistic = mean_statistic,
+) -> dict:
     """Paired difference statistic(candidate) - statistic(baseline) on the same lines: value, bootstrap 95% CI,
     sign-flip permutation p-value, winner.
 
@@ -182,8 +202,16 @@ def paired_comparison(candidate: Sequence[float] | np.ndarray, baseline: Sequenc
     cand, base = np.asarray(candidate, dtype=float), np.asarray(baseline, dtype=float)
     n = cand.shape[0]
     if n == 0:
-        return {"mean_difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
-                "resamples": resamples, "n_pairs": 0, "winner": "none", "significant": False}
+        return {
+            "mean_difference": float("nan"),
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+            "p_value": float("nan"),
+            "resamples": resamples,
+            "n_pairs": 0,
+            "winner": "none",
+            "significant": False,
+        }
     both = np.stack([cand, base])  # (2, lines, ...)
     observed = float(statistic(cand[None])[0] - statistic(base[None])[0])
     if np.array_equal(cand, base):
@@ -191,16 +219,25 @@ def paired_comparison(candidate: Sequence[float] | np.ndarray, baseline: Sequenc
     else:
         swaps = np.random.default_rng(seed).integers(0, 2, size=(resamples, n))
         lines = np.arange(n)
-        differences = np.concatenate([statistic(both[s, lines]) - statistic(both[1 - s, lines])
-                                      for s in np.array_split(swaps, max(1, resamples // 500))])
+        differences = np.concatenate(
+            [statistic(both[s, lines]) - statistic(both[1 - s, lines]) for s in np.array_split(swaps, max(1, resamples // 500))]
+        )
         p_value = float((np.sum(np.abs(differences) >= abs(observed) - 1e-9) + 1) / (resamples + 1))
     indices = np.random.default_rng(seed).integers(0, n, size=(2000, n))
     paired = np.concatenate([statistic(cand[i]) - statistic(base[i]) for i in np.array_split(indices, 4)])
     low, high = np.percentile(paired, [2.5, 97.5])
     better = observed if higher_is_better else -observed
     winner = "tie" if abs(better) < 1e-12 else ("candidate" if better > 0 else "baseline")
-    return {"mean_difference": observed, "ci_low": float(low), "ci_high": float(high), "p_value": p_value, "resamples": resamples,
-            "n_pairs": int(n), "winner": winner, "significant": bool(p_value < SIGNIFICANCE and winner != "tie")}
+    return {
+        "mean_difference": observed,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p_value": p_value,
+        "resamples": resamples,
+        "n_pairs": int(n),
+        "winner": winner,
+        "significant": bool(p_value < SIGNIFICANCE and winner != "tie"),
+    }
 
 
 def holm(p_values: dict[str, float]) -> dict[str, float]:

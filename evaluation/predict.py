@@ -107,8 +107,10 @@ def _read_predictions(path: Path) -> dict[int, dict]:
                 record = json.loads(line)
                 records[record["index"]] = record
             except (ValueError, KeyError, TypeError):
-                print(f"{path} line {number} is not a whole record (written when a run was killed?): asking its question again",
-                      file=sys.stderr)
+                print(
+                    f"{path} line {number} is not a whole record (written when a run was killed?): asking its question again",
+                    file=sys.stderr,
+                )
     return records
 
 
@@ -155,8 +157,17 @@ def _answer_all(answer: Callable[[Example], dict], todo: list[Example], concurre
         stopped.set()
 
 
-def predict(system: System, examples: list[Example], out: Path, *, concurrency: int, max_new_tokens: int, resume: bool,
-            via: str = "client", judge: Judge | None = None) -> list[dict]:
+def predict(
+    system: System,
+    examples: list[Example],
+    out: Path,
+    *,
+    concurrency: int,
+    max_new_tokens: int,
+    resume: bool,
+    via: str = "client",
+    judge: Judge | None = None,
+) -> list[dict]:
     """Answer every example (only the missing or failed ones with `resume`); return one record per example, in order.
 
     With `resume`, every stored record is kept, also those of lines outside this run (a smaller --limit).
@@ -165,7 +176,9 @@ def predict(system: System, examples: list[Example], out: Path, *, concurrency: 
     stored = _read_predictions(path) if resume else {}
     if resume:
         _write_predictions(path, stored)  # without torn lines, so that appending starts on a line of its own
-    done = {index: record for index, record in stored.items() if record.get("error") is None and (judge is None or "judged" in record)}
+    done = {
+        index: record for index, record in stored.items() if record.get("error") is None and (judge is None or "judged" in record)
+    }
     todo = [ex for ex in examples if ex.index not in done or done[ex.index]["question"] != ex.question]
     ask = asker(system, via, max_new_tokens)
 
@@ -182,13 +195,22 @@ def predict(system: System, examples: list[Example], out: Path, *, concurrency: 
                 judged = {"judged": judge.rate(example.question, prediction)}
             except JudgeError as exc:
                 error = f"judge: {exc}"
-        return {"index": example.index, "question": example.question, "reference": example.reference,
-                "prediction": prediction, "error": error, LATENCY: latency, **judged}
+        return {
+            "index": example.index,
+            "question": example.question,
+            "reference": example.reference,
+            "prediction": prediction,
+            "error": error,
+            LATENCY: latency,
+            **judged,
+        }
 
     from tqdm import tqdm
 
-    with open(path, "a" if resume else "w", encoding="utf-8") as sink, \
-            tqdm(total=len(todo), desc=f"{system.role} ({system.name})", unit="line", file=sys.stderr) as bar:
+    with (
+        open(path, "a" if resume else "w", encoding="utf-8") as sink,
+        tqdm(total=len(todo), desc=f"{system.role} ({system.name})", unit="line", file=sys.stderr) as bar,
+    ):
         for record in _answer_all(answer, todo, concurrency):
             stored[record["index"]] = record
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")  # as they come: an interrupted run keeps them
@@ -222,5 +244,8 @@ class ServerHeaders:
         """Stop listening; the summary for metrics.json (None where the server did not say)."""
         self._hooks.remove(self._record)
         sizes = self.batch_sizes
-        return {"batch_invariant": all(self.invariant) if self.invariant else None,
-                "largest_batch": max(sizes) if sizes else None, "answers_batched": sum(s > 1 for s in sizes) if sizes else None}
+        return {
+            "batch_invariant": all(self.invariant) if self.invariant else None,
+            "largest_batch": max(sizes) if sizes else None,
+            "answers_batched": sum(s > 1 for s in sizes) if sizes else None,
+        }

@@ -27,7 +27,10 @@ def plot(results: dict, path: Path) -> None:
     for axis, metric in zip(axes, metric_names):
         shown = {name: stats[metric] for name, stats in columns.items() if metric in stats}
         means = [s["mean"] for s in shown.values()]
-        errors = [[max(s["mean"] - s["ci_low"], 0) for s in shown.values()], [max(s["ci_high"] - s["mean"], 0) for s in shown.values()]]
+        errors = [
+            [max(s["mean"] - s["ci_low"], 0) for s in shown.values()],
+            [max(s["ci_high"] - s["mean"], 0) for s in shown.values()],
+        ]
         axis.bar(list(shown), means, yerr=errors, capsize=6, color=[colours[name] for name in shown])
         verdict = results.get("comparison", {}).get(metric)
         suffix = f"\n{verdict['winner']} (Holm p {_holm_p(verdict)})" if verdict else ""
@@ -58,8 +61,10 @@ def _server(said: dict) -> str:
     elif invariant:
         words = "the server guarantees greedy answers do not depend on batch composition"
     else:
-        words = ("the server does NOT guarantee greedy answers independent of batch composition (answers may change with "
-                 "--concurrency or other traffic; serve with PHI3FLOW_DTYPE=float32 on a CPU for reproducible runs)")
+        words = (
+            "the server does NOT guarantee greedy answers independent of batch composition (answers may change with "
+            "--concurrency or other traffic; serve with PHI3FLOW_DTYPE=float32 on a CPU for reproducible runs)"
+        )
     if said.get("largest_batch") is not None:
         words += f"; largest batch {said['largest_batch']}, {said['answers_batched']} answers decoded beside others"
     return words
@@ -75,45 +80,92 @@ def render_report(results: dict) -> str:
     the lines that differ most and every line's correctness."""
     roles = list(results["systems"])
     decoding = results["decoding"]
-    out = [f"# Endpoint evaluation: {results['data']} ({results['lines']} lines)", "",
-           f"Decoding: {', '.join(f'{k} {v}' for k, v in decoding.items())}.", ""]
+    out = [
+        f"# Endpoint evaluation: {results['data']} ({results['lines']} lines)",
+        "",
+        f"Decoding: {', '.join(f'{k} {v}' for k, v in decoding.items())}.",
+        "",
+    ]
     for role, system in results["systems"].items():
-        out.append(f"- **{role}**: connection `{system['connection']}`, {system['succeeded']} answered, "
-                   f"{system['failed']} failed (excluded from the means); {_server(system['server'])}")
+        out.append(
+            f"- **{role}**: connection `{system['connection']}`, {system['succeeded']} answered, "
+            f"{system['failed']} failed (excluded from the means); {_server(system['server'])}"
+        )
     out.append(f"- **{FLOOR}**: {results[FLOOR]['method']}")
     columns = {role: results["systems"][role]["metrics"] for role in roles} | {FLOOR: results[FLOOR]["metrics"]}
-    out += ["", "## Means (bootstrap 95% CI)", "",
-            "exact_match and contains_fact are correctness (share of lines); the others measure overlap with the reference, "
-            "which a right-shaped wrong answer also earns: compare them with the floor.", "",
-            "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    out += [
+        "",
+        "## Means (bootstrap 95% CI)",
+        "",
+        "exact_match and contains_fact are correctness (share of lines); the others measure overlap with the reference, "
+        "which a right-shaped wrong answer also earns: compare them with the floor.",
+        "",
+        "| metric | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for metric in columns[roles[0]]:
         cells = [stats.get(metric) for stats in columns.values()]
-        out.append(f"| {metric} | " + " | ".join("—" if c is None else f"{_number(c['mean'])} [{_number(c['ci_low'])}, {_number(c['ci_high'])}]"
-                                                  for c in cells) + " |")
+        out.append(
+            f"| {metric} | "
+            + " | ".join(
+                "—" if c is None else f"{_number(c['mean'])} [{_number(c['ci_low'])}, {_number(c['ci_high'])}]" for c in cells
+            )
+            + " |"
+        )
     if "comparison" in results:
         resamples = next(iter(results["comparison"].values()))["resamples"]
-        out += ["", "## Paired comparison (candidate - baseline, same lines)", "",
-                f"p: sign-flip permutation test with {resamples} resamples (\"< 1/{resamples + 1}\": no resample reached the "
-                "observed difference); Holm: adjusted across every metric below; significant: Holm p < 0.05.", "",
-                "| compared | mean difference | 95% CI | p | p (Holm) | better | significant |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Paired comparison (candidate - baseline, same lines)",
+            "",
+            f'p: sign-flip permutation test with {resamples} resamples ("< 1/{resamples + 1}": no resample reached the '
+            "observed difference); Holm: adjusted across every metric below; significant: Holm p < 0.05.",
+            "",
+            "| compared | mean difference | 95% CI | p | p (Holm) | better | significant |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for verdict in results["comparison"].values():
-            out.append(f"| {verdict['compared']} | {_number(verdict['mean_difference'])} | [{_number(verdict['ci_low'])}, "
-                       f"{_number(verdict['ci_high'])}] | {format_p(verdict['p_value'], verdict['resamples'])} | {_holm_p(verdict)} | "
-                       f"{verdict['winner']} | {'yes' if verdict['significant'] else 'no'} |")
-        out += ["", "Lower is better for latency_s and for the length ratio's distance from 1; higher for the others.", "",
-                "## Lines where the two differ most (correctness, then ROUGE-L)", ""]
+            out.append(
+                f"| {verdict['compared']} | {_number(verdict['mean_difference'])} | [{_number(verdict['ci_low'])}, "
+                f"{_number(verdict['ci_high'])}] | {format_p(verdict['p_value'], verdict['resamples'])} | {_holm_p(verdict)} | "
+                f"{verdict['winner']} | {'yes' if verdict['significant'] else 'no'} |"
+            )
+        out += [
+            "",
+            "Lower is better for latency_s and for the length ratio's distance from 1; higher for the others.",
+            "",
+            "## Lines where the two differ most (correctness, then ROUGE-L)",
+            "",
+        ]
         for line in results["largest_differences"]:
-            out += [f"### Line {line['index'] + 1} (contains_fact {line['contains_fact_difference']:+.0f}, "
-                    f"ROUGE-L {line['rouge_l_difference']:+.3f})", "",
-                    f"- question: {line['question']}", f"- reference: {line['reference']}",
-                    f"- candidate: {line['candidate']}", f"- baseline: {line['baseline']}", ""]
-    out += ["", "## Every line: contains the fact / exact match (✓ or ✗)", "",
-            "| line | question | reference | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+            out += [
+                f"### Line {line['index'] + 1} (contains_fact {line['contains_fact_difference']:+.0f}, "
+                f"ROUGE-L {line['rouge_l_difference']:+.3f})",
+                "",
+                f"- question: {line['question']}",
+                f"- reference: {line['reference']}",
+                f"- candidate: {line['candidate']}",
+                f"- baseline: {line['baseline']}",
+                "",
+            ]
+    out += [
+        "",
+        "## Every line: contains the fact / exact match (✓ or ✗)",
+        "",
+        "| line | question | reference | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
     for line in results["lines_detail"]:
         question, reference = (line[k].replace("|", "\\|").replace("\n", " ") for k in ("question", "reference"))
-        out.append(f"| {line['index'] + 1} | {question[:80]} | {reference[:80]} | " + " | ".join(_tick(line, name) for name in columns) + " |")
+        out.append(
+            f"| {line['index'] + 1} | {question[:80]} | {reference[:80]} | "
+            + " | ".join(_tick(line, name) for name in columns)
+            + " |"
+        )
     failures = [(role, f) for role, system in results["systems"].items() for f in system["failures"]]
     if failures:
-        out += ["", "## Failed lines (re-run them with --resume)", ""] + [f"- {role} line {f['index'] + 1}: {f['error']}" for role, f in failures]
+        out += ["", "## Failed lines (re-run them with --resume)", ""] + [
+            f"- {role} line {f['index'] + 1}: {f['error']}" for role, f in failures
+        ]
     out += ["", "![Means with bootstrap 95% CI](comparison.png)", ""]
     return "\n".join(out)

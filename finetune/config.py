@@ -104,8 +104,11 @@ def build_parser(**kwargs: Any) -> HfArgumentParser:
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), exit_on_error=False, **kwargs)
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"YAML file or shipped config name: {DEFAULT_CONFIG} (CPU), phi3-mini-qlora (GPU)")
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"YAML file or shipped config name: {DEFAULT_CONFIG} (CPU), phi3-mini-qlora (GPU)",
+    )
     parser.set_defaults(**trainer_defaults())
     return parser
 
@@ -135,11 +138,18 @@ def _check_names(parser: HfArgumentParser, values: dict[str, Any], source: Path)
     known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        hints = [f"{name} (now {RENAMED[name]})" if name in RENAMED
-                 else f"{name} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(name, known))
-                 else name for name in unknown]
-        raise ConfigError(f"{source}: unknown setting(s) {'; '.join(hints)}: neither phi3flow's "
-                          "(FinetuneArguments) nor transformers' TrainingArguments (see `phi3flow finetune --help`)")
+        hints = [
+            f"{name} (now {RENAMED[name]})"
+            if name in RENAMED
+            else f"{name} (did you mean {', '.join(close)}?)"
+            if (close := difflib.get_close_matches(name, known))
+            else name
+            for name in unknown
+        ]
+        raise ConfigError(
+            f"{source}: unknown setting(s) {'; '.join(hints)}: neither phi3flow's "
+            "(FinetuneArguments) nor transformers' TrainingArguments (see `phi3flow finetune --help`)"
+        )
 
 
 def resolve_precision(values: dict[str, Any]) -> None:

@@ -161,8 +161,11 @@ def tokenize_rows(
     if truncated:
         log.warning("%s: %d of %d conversations truncated to max_seq_length %d", name, truncated, len(rows), max_length)
     if len(kept) < len(examples):
-        log.warning("%s: %d conversation(s) have no assistant token within max_seq_length and are skipped",
-                    name, len(examples) - len(kept))
+        log.warning(
+            "%s: %d conversation(s) have no assistant token within max_seq_length and are skipped",
+            name,
+            len(examples) - len(kept),
+        )
     if not kept:
         raise DataError(f"{name}: no conversation has an assistant token within max_seq_length {max_length}")
     return kept
@@ -207,8 +210,9 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         # Checkpoints in their own subfolder: output_dir itself is the adapter folder the scoring script loads.
         # Tokens seen count real tokens (train_tokens_per_second in the metadata and benches); not a config setting:
         # HfArgumentParser reads the field as a bool and cannot take "non_padding".
-        args=dataclasses.replace(training, output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR),
-                                 include_num_input_tokens_seen="non_padding"),
+        args=dataclasses.replace(
+            training, output_dir=str(Path(cfg.output_dir) / CHECKPOINT_DIR), include_num_input_tokens_seen="non_padding"
+        ),
         train_dataset=train_set,
         eval_dataset=test_set,
         data_collator=collator,
@@ -293,15 +297,20 @@ def save_outputs(prepared: Prepared, train_metrics: dict[str, float], merge: boo
     metadata = {
         "base_model": cfg.finetune.model,
         "base_model_name_or_path": prepared.base_model_path,
-        "data": {name: {"path": path, "sha256": sha256_file(path)}
-                 for name, path in (("train", cfg.finetune.train_file), ("test", cfg.finetune.test_file))},
+        "data": {
+            name: {"path": path, "sha256": sha256_file(path)}
+            for name, path in (("train", cfg.finetune.train_file), ("test", cfg.finetune.test_file))
+        },
         "config": cfg.to_dict(),
         "quantized_4bit": prepared.quantized,
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(prepared.end_of_turn),
         "pad_token": tokenizer.pad_token,
-        "metrics": {"train_loss": train_metrics.get("train_loss"), "eval_loss": eval_metrics.get("eval_loss"),
-                    "global_step": trainer.state.global_step,
-                    "train_tokens_per_second": train_metrics.get("train_tokens_per_second")},
+        "metrics": {
+            "train_loss": train_metrics.get("train_loss"),
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "global_step": trainer.state.global_step,
+            "train_tokens_per_second": train_metrics.get("train_tokens_per_second"),
+        },
         "versions": {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__},
         "merged": None,
     }
@@ -326,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from --config, and any of them from a flag of the same name (phi3flow's, then transformers' "
         "TrainingArguments).",
     )
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest intact checkpoint in output_dir/checkpoints")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest intact checkpoint in output_dir/checkpoints"
+    )
     parser.add_argument("--merge", action="store_true", help=f"also write base + adapter merged in {MERGED_DIR}/")
     return parser
 
@@ -343,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phi3flow finetune: {exc}", file=sys.stderr)
         return 1
     metrics = metadata["metrics"]
-    print(f"Adapter written to {cfg.output_dir} after {metrics['global_step']} steps "
-          f"(train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}).")
+    print(
+        f"Adapter written to {cfg.output_dir} after {metrics['global_step']} steps "
+        f"(train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f})."
+    )
     if metadata["merged"]:
         print(f"Merged model written to {metadata['merged']}.")
     return 0

@@ -37,7 +37,9 @@ DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Answer briefly and factuall
 # Agent Framework option -> endpoint contract parameter. Anything else the endpoint cannot honour.
 PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}
 # Options the Agent fills in itself that carry nothing for a tool-less endpoint.
-IGNORED_OPTIONS = frozenset({"instructions", "model", "tool_choice", "allow_multiple_tool_calls", "store", "additional_properties"})
+IGNORED_OPTIONS = frozenset(
+    {"instructions", "model", "tool_choice", "allow_multiple_tool_calls", "store", "additional_properties"}
+)
 
 
 class EndpointChatClient(BaseChatClient):
@@ -107,7 +109,9 @@ class EndpointChatClient(BaseChatClient):
         turns, parameters = await self._request(messages, options)
         return await asyncio.to_thread(self._client.chat, turns, **parameters)
 
-    async def _request(self, messages: Sequence[Message], options: Mapping[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    async def _request(
+        self, messages: Sequence[Message], options: Mapping[str, Any]
+    ) -> tuple[list[dict[str, str]], dict[str, Any]]:
         """Contract turns and parameters for a call (ValueError for what the endpoint cannot honour)."""
         options = await self._validate_options(options)
         turns = to_turns(prepend_instructions_to_messages(list(messages), options.get("instructions"), role="system"))
@@ -139,13 +143,19 @@ def to_parameters(options: Mapping[str, Any]) -> dict[str, Any]:
     """Agent Framework chat options -> contract parameters; options the endpoint cannot honour are refused, not dropped."""
     if options.get("tools"):
         raise ValueError("the endpoint cannot call tools: create the agent without tools")
-    unsupported = sorted(k for k, v in options.items() if v is not None and k not in PARAMETERS and k not in IGNORED_OPTIONS and k != "tools")
+    unsupported = sorted(
+        k for k, v in options.items() if v is not None and k not in PARAMETERS and k not in IGNORED_OPTIONS and k != "tools"
+    )
     if unsupported:
-        raise ValueError(f"the endpoint does not support the option(s) {', '.join(unsupported)}; it takes {', '.join(PARAMETERS)}")
+        raise ValueError(
+            f"the endpoint does not support the option(s) {', '.join(unsupported)}; it takes {', '.join(PARAMETERS)}"
+        )
     return {PARAMETERS[k]: v for k, v in options.items() if k in PARAMETERS and v is not None}
 
 
-async def ask(client: EndpointChatClient, instructions: str, questions: Sequence[str], temperature: float, max_tokens: int) -> list[str]:
+async def ask(
+    client: EndpointChatClient, instructions: str, questions: Sequence[str], temperature: float, max_tokens: int
+) -> list[str]:
     """Run an agent over the questions in one session, so each answer sees the turns before it."""
     agent = Agent(client, instructions, default_options={"temperature": temperature, "max_tokens": max_tokens})
     session = agent.create_session()
@@ -158,12 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--endpoint", help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score")
     target.add_argument("--connection", help="name of an existing Prompt Flow CustomConnection (needs promptflow installed)")
-    target.add_argument("--local", action="store_true", help="serve the embedded model locally for the run (needs phi3flow[serve])")
-    parser.add_argument("--key-env", default=KEY_ENV, help=f"environment variable holding the key for --endpoint (default {KEY_ENV})")
+    target.add_argument(
+        "--local", action="store_true", help="serve the embedded model locally for the run (needs phi3flow[serve])"
+    )
+    parser.add_argument(
+        "--key-env", default=KEY_ENV, help=f"environment variable holding the key for --endpoint (default {KEY_ENV})"
+    )
     parser.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS, help="the agent's instructions (sent as the system turn)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
-                        help="answer length limit (default %(default)s)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="answer length limit (default %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     def run(client: EndpointChatClient) -> int:

@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 # Each stage's specs, found where the package is installed: in a checkout, the stage folder itself (resolved through
 # the package's links, so a spec's relative paths, such as the job's `code: ../..`, start from the real folder).
-SPEC_DIRS = [(Path(importlib.util.find_spec(stage).submodule_search_locations[0]) / "azureml").resolve()
-             for stage in ("phi3flow.data", "phi3flow.finetune", "phi3flow.deploy")]
+SPEC_DIRS = [
+    (Path(importlib.util.find_spec(stage).submodule_search_locations[0]) / "azureml").resolve()
+    for stage in ("phi3flow.data", "phi3flow.finetune", "phi3flow.deploy")
+]
 # spec file -> the azure.ai.ml loader that validates it
 SPECS: dict[str, str] = {
     "compute.yml": "load_compute",
@@ -134,10 +136,14 @@ def registered_name(model: str) -> str:
 def plan_finetune(args: argparse.Namespace) -> list[Action]:
     """Cluster, training environment, the two data assets, then the job that reads them."""
     name = MODELS[args.model].config
-    job = load_spec("finetune-job.yml", [
-        {"inputs.config": name}, {"display_name": f"{name}-ultrachat"},
-        {"description": f"QLoRA fine-tune of {read_config(name)['model']} on ultrachat_200k (finetune/configs/{name}.yaml)."},
-    ])
+    job = load_spec(
+        "finetune-job.yml",
+        [
+            {"inputs.config": name},
+            {"display_name": f"{name}-ultrachat"},
+            {"description": f"QLoRA fine-tune of {read_config(name)['model']} on ultrachat_200k (finetune/configs/{name}.yaml)."},
+        ],
+    )
     _require_file(job, job.code, "pyproject.toml", "the job's code must be a phi3flow source checkout")
     if args.max_steps is not None:
         job.command = f"{job.command} --max-steps {args.max_steps}"
@@ -145,8 +151,12 @@ def plan_finetune(args: argparse.Namespace) -> list[Action]:
         (spec, load_spec(spec, [{"path": str(Path(path).resolve())}] if path else []))
         for spec, path in (("data-train.yml", args.train_file), ("data-test.yml", args.test_file))
     ]
-    return [("compute.yml", load_spec("compute.yml")), ("train-environment.yml", load_spec("train-environment.yml")),
-            *data, ("finetune-job.yml", job)]
+    return [
+        ("compute.yml", load_spec("compute.yml")),
+        ("train-environment.yml", load_spec("train-environment.yml")),
+        *data,
+        ("finetune-job.yml", job),
+    ]
 
 
 def plan_register(args: argparse.Namespace) -> list[Action]:
@@ -154,8 +164,15 @@ def plan_register(args: argparse.Namespace) -> list[Action]:
     ((output, port),) = load_spec("finetune-job.yml").outputs.items()
     path = f"azureml://jobs/{args.job_name or JOB_PLACEHOLDER}/outputs/{output}"
     hub = read_config(MODELS[args.model].config)["model"]
-    model = load_spec("model.yml", [{"path": path}, {"type": port.type}, {"name": registered_name(args.model)},
-                                    {"description": f"{hub} fine-tuned on ultrachat_200k by phi3flow: a LoRA adapter."}])
+    model = load_spec(
+        "model.yml",
+        [
+            {"path": path},
+            {"type": port.type},
+            {"name": registered_name(args.model)},
+            {"description": f"{hub} fine-tuned on ultrachat_200k by phi3flow: a LoRA adapter."},
+        ],
+    )
     return [(f"model.yml, output '{output}' of finetune-job.yml", model)]
 
 
@@ -163,8 +180,10 @@ def plan_deploy(args: argparse.Namespace) -> list[Action]:
     """Inference environment, endpoint, deployment of the model's adapter with its context cap, then 100% of the
     endpoint's traffic to it."""
     version = f":{args.model_version}" if args.model_version else "@latest"
-    overrides: list[dict[str, Any]] = [{"model": f"azureml:{registered_name(args.model)}{version}"},
-                                       {f"environment_variables.{CONTEXT_ENV}": str(MODELS[args.model].max_context)}]
+    overrides: list[dict[str, Any]] = [
+        {"model": f"azureml:{registered_name(args.model)}{version}"},
+        {f"environment_variables.{CONTEXT_ENV}": str(MODELS[args.model].max_context)},
+    ]
     if args.endpoint_name:
         overrides.append({"endpoint_name": args.endpoint_name})
     if args.instance_type:
@@ -177,8 +196,10 @@ def plan_deploy(args: argparse.Namespace) -> list[Action]:
         ("inference-environment.yml", load_spec("inference-environment.yml")),
         ("endpoint.yml", load_spec("endpoint.yml", [endpoint])),
         ("deployment.yml", deployment),
-        (f"endpoint.yml, 100% traffic to '{deployment.name}'",
-         load_spec("endpoint.yml", [endpoint, {"traffic": {deployment.name: 100}}])),
+        (
+            f"endpoint.yml, 100% traffic to '{deployment.name}'",
+            load_spec("endpoint.yml", [endpoint, {"traffic": {deployment.name: 100}}]),
+        ),
     ]
 
 
@@ -325,12 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_, description=help_)
-        sub.add_argument("--dry-run", action="store_true",
-                         help="validate the specs and print what would be created; needs no credentials")
+        sub.add_argument(
+            "--dry-run", action="store_true", help="validate the specs and print what would be created; needs no credentials"
+        )
         sub.add_argument("--client-id", help="client id of a user-assigned managed identity to authenticate with")
-        sub.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
-                         help=f"which Phi model (default {DEFAULT_MODEL}): its shipped config finetune/configs/"
-                         "<model>-qlora.yaml, its registered name <model>-ultrachat, its deployment's context cap")
+        sub.add_argument(
+            "--model",
+            choices=sorted(MODELS),
+            default=DEFAULT_MODEL,
+            help=f"which Phi model (default {DEFAULT_MODEL}): its shipped config finetune/configs/"
+            "<model>-qlora.yaml, its registered name <model>-ultrachat, its deployment's context cap",
+        )
         if name == "finetune":
             sub.add_argument("--train-file", help="training JSONL to upload (default: data/train_data.jsonl)")
             sub.add_argument("--test-file", help="test JSONL to upload (default: data/test_data.jsonl)")

@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "connect": ("phi3flow.connect", None, "create the Prompt Flow CustomConnection for an endpoint"),
     "demo": ("phi3flow.demo", "serve", "end to end: local endpoint on the embedded model -> connection -> pf flow test"),
     "eval": ("phi3flow.evaluation.compare", "eval", "evaluate endpoints over test data and compare them"),
-    "agent": ("phi3agents", "agents", "ask a Microsoft Agent Framework agent backed by the endpoint (needs agent-framework-core)"),
+    "agent": (
+        "phi3agents",
+        "agents",
+        "ask a Microsoft Agent Framework agent backed by the endpoint (needs agent-framework-core)",
+    ),
 }
 
 

@@ -52,8 +52,12 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 API_FORMATS = ("auto", "azureml", "openai")
 CHAT_COMPLETIONS = "/chat/completions"
 # Contract parameter -> OpenAI field. `repetition_penalty` passes as it is (vLLM and phi3flow serve take it).
-OPENAI_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_tokens",
-                 "repetition_penalty": "repetition_penalty"}
+OPENAI_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_new_tokens": "max_tokens",
+    "repetition_penalty": "repetition_penalty",
+}
 MODEL_ERROR_HEADER = "ms-azureml-model-error-reason"
 
 
@@ -101,7 +105,9 @@ class EndpointClient:
         if not key or not key.strip():
             raise EndpointError("the endpoint key is empty: set the connection's secrets.key to the endpoint's primary key")
         if not key.isascii() or not key.isprintable():
-            raise EndpointError("the endpoint key contains non-ASCII or control characters: copy it again from the endpoint's Consume tab")
+            raise EndpointError(
+                "the endpoint key contains non-ASCII or control characters: copy it again from the endpoint's Consume tab"
+            )
         if api_format not in API_FORMATS:
             raise EndpointError(f"api_format must be one of {', '.join(API_FORMATS)}, got {api_format!r}")
         self.openai = api_format == "openai" or (api_format == "auto" and parts.path.rstrip("/").endswith("/v1"))
@@ -109,8 +115,11 @@ class EndpointClient:
         self.warned_batching = False  # said once per client that greedy answers depend on the batch
         self.endpoint = endpoint
         # OpenAI's dialect: <base>/v1 + /chat/completions; a full route (/chat/completions, or a deployment's /score) as it is
-        self.url = (endpoint.rstrip("/") + CHAT_COMPLETIONS
-                    if self.openai and not parts.path.rstrip("/").endswith((CHAT_COMPLETIONS, "/score")) else endpoint)
+        self.url = (
+            endpoint.rstrip("/") + CHAT_COMPLETIONS
+            if self.openai and not parts.path.rstrip("/").endswith((CHAT_COMPLETIONS, "/score"))
+            else endpoint
+        )
         self.timeout = (connect_timeout, read_timeout)
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {key.strip()}", "Content-Type": "application/json"})
@@ -173,10 +182,14 @@ class EndpointClient:
                     elif event.type == ERROR_EVENT:
                         raise self._stream_error(event, sent)
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                raise EndpointError(f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
-                                    "the answer is incomplete; ask again") from None
-            raise EndpointError(f"the stream from {self._host()} ended after {len(sent)} characters without its final "
-                                f"'{DONE_EVENT}' event: the answer is incomplete; ask again")
+                raise EndpointError(
+                    f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
+                    "the answer is incomplete; ask again"
+                ) from None
+            raise EndpointError(
+                f"the stream from {self._host()} ended after {len(sent)} characters without its final "
+                f"'{DONE_EVENT}' event: the answer is incomplete; ask again"
+            )
         finally:
             response.close()
 
@@ -197,10 +210,14 @@ class EndpointClient:
         if greedy and not self.warned_batching and response.headers.get(BATCH_INVARIANT_HEADER, "").lower() == "false":
             self.warned_batching = True
             # a warning, not a log record: Prompt Flow shows a tool's warnings in `pf run` output and logs, not its logging
-            warnings.warn(f"{self._host()} does not guarantee greedy answers independent of the requests decoded beside "
-                          f"them ({BATCH_INVARIANT_HEADER}: false): the same question can get another answer run to run "
-                          "(pf run's concurrency, other traffic); serve with PHI3FLOW_DTYPE=float32 on a CPU for "
-                          "reproducible runs", BatchDependentAnswers, stacklevel=2)
+            warnings.warn(
+                f"{self._host()} does not guarantee greedy answers independent of the requests decoded beside "
+                f"them ({BATCH_INVARIANT_HEADER}: false): the same question can get another answer run to run "
+                "(pf run's concurrency, other traffic); serve with PHI3FLOW_DTYPE=float32 on a CPU for "
+                "reproducible runs",
+                BatchDependentAnswers,
+                stacklevel=2,
+            )
         return response
 
     def _openai_body(self, messages: list[dict[str, str]], parameters: dict[str, Any], stream: bool) -> dict[str, Any]:
@@ -209,8 +226,9 @@ class EndpointClient:
             parameters["temperature"] = 0.0
         unknown = sorted(set(parameters) - set(OPENAI_FIELDS))
         if unknown:
-            raise EndpointError(f"parameter(s) {', '.join(unknown)} have no Chat Completions equivalent; "
-                                f"it takes {', '.join(OPENAI_FIELDS)}")
+            raise EndpointError(
+                f"parameter(s) {', '.join(unknown)} have no Chat Completions equivalent; it takes {', '.join(OPENAI_FIELDS)}"
+            )
         body = {"messages": messages, **{OPENAI_FIELDS[k]: v for k, v in parameters.items()}}
         if self.model:
             body["model"] = self.model
@@ -231,21 +249,29 @@ class EndpointClient:
                     chunk = None
                 if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
                     message = str(chunk["error"].get("message"))[:300]
-                    raise EndpointError(f"the endpoint failed after streaming {len(sent)} characters: {message}; the answer is incomplete")
+                    raise EndpointError(
+                        f"the endpoint failed after streaming {len(sent)} characters: {message}; the answer is incomplete"
+                    )
                 choices = chunk.get("choices") if isinstance(chunk, dict) else None
                 if not isinstance(choices, list):
-                    raise EndpointError(f"{self.url} streamed an event that is not a chat.completion.chunk after {len(sent)} "
-                                        "characters: is this an OpenAI-compatible endpoint?")
+                    raise EndpointError(
+                        f"{self.url} streamed an event that is not a chat.completion.chunk after {len(sent)} "
+                        "characters: is this an OpenAI-compatible endpoint?"
+                    )
                 for choice in choices:
                     piece = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
                     if isinstance(piece, str) and piece:
                         sent += piece
                         yield piece
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise EndpointError(f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
-                                "the answer is incomplete; ask again") from None
-        raise EndpointError(f"the stream from {self._host()} ended after {len(sent)} characters without 'data: [DONE]': "
-                            "the answer is incomplete; ask again")
+            raise EndpointError(
+                f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
+                "the answer is incomplete; ask again"
+            ) from None
+        raise EndpointError(
+            f"the stream from {self._host()} ended after {len(sent)} characters without 'data: [DONE]': "
+            "the answer is incomplete; ask again"
+        )
 
     def _event_field(self, event: ServerSentEvent, name: str, sent: str) -> str:
         """The string field `name` of an event's JSON data, or EndpointError saying the stream is malformed."""
@@ -254,17 +280,21 @@ class EndpointClient:
         except (ValueError, TypeError, KeyError):
             value = None
         if not isinstance(value, str):
-            raise EndpointError(f"{self.endpoint} streamed a '{event.type}' event without a string \"{name}\" field after "
-                                f"{len(sent)} characters: the deployment's score.py does not follow the streaming contract")
+            raise EndpointError(
+                f"{self.endpoint} streamed a '{event.type}' event without a string \"{name}\" field after "
+                f"{len(sent)} characters: the deployment's score.py does not follow the streaming contract"
+            )
         return value
 
     def _rest_of_answer(self, output: str, sent: str) -> Iterator[str]:
         """What the final event's whole answer adds to the pieces already sent (all of it when nothing was streamed)."""
         if not output.startswith(sent):
-            raise EndpointError(f"{self.endpoint} streamed pieces that are not the start of its final answer: "
-                                "the deployment's score.py does not follow the streaming contract")
+            raise EndpointError(
+                f"{self.endpoint} streamed pieces that are not the start of its final answer: "
+                "the deployment's score.py does not follow the streaming contract"
+            )
         if len(output) > len(sent):
-            yield output[len(sent):]
+            yield output[len(sent) :]
 
     def _stream_error(self, event: ServerSentEvent, sent: str) -> EndpointError:
         """An error event: the server's message and status, and that the answer is incomplete."""
@@ -277,8 +307,9 @@ class EndpointClient:
         said = payload.get("message")
         message = said if isinstance(said, str) else (event.data or "")
         code = f" (HTTP {status})" if status else ""
-        return EndpointError(f"the endpoint failed after streaming {len(sent)} characters{code}: {message[:300]}; "
-                             "the answer is incomplete", status)
+        return EndpointError(
+            f"the endpoint failed after streaming {len(sent)} characters{code}: {message[:300]}; the answer is incomplete", status
+        )
 
     def close(self) -> None:
         self.session.close()
@@ -292,12 +323,16 @@ class EndpointClient:
                 "lower max_new_tokens or raise the client's read timeout"
             )
         if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return EndpointError(f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network")
+            return EndpointError(
+                f"could not connect to {self._host()} within {self.timeout[0]:g} s: check the URL and your network"
+            )
         cause = reason or (exc.args[0] if exc.args else None)
         if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(cause, NewConnectionError):
             # connected, so the request was sent: the server closed the connection before its answer
-            return EndpointError(f"{self._host()} took the request but closed the connection without an answer: "
-                                 "the server may be restarting or shutting down; ask again")
+            return EndpointError(
+                f"{self._host()} took the request but closed the connection without an answer: "
+                "the server may be restarting or shutting down; ask again"
+            )
         return EndpointError(f"cannot reach {self._host()} ({_reason(exc)}): is the endpoint running and the URL right?")
 
     def _host(self) -> str:
@@ -310,7 +345,9 @@ class EndpointClient:
             try:
                 payload = response.json()
             except ValueError:
-                raise EndpointError(f"{self.endpoint} answered 200 with a body that is not JSON: is this the scoring URL?", status) from None
+                raise EndpointError(
+                    f"{self.endpoint} answered 200 with a body that is not JSON: is this the scoring URL?", status
+                ) from None
             if self.openai:
                 return self._completion_text(payload)
             if not isinstance(payload, dict) or not isinstance(payload.get("output"), str):
@@ -323,15 +360,21 @@ class EndpointClient:
             return payload["output"]
         detail = _detail(response)
         if status in (401, 403):
-            message = f"the endpoint refused the key (HTTP {status}): check the connection's key (secrets.key) for {self.endpoint}"
+            message = (
+                f"the endpoint refused the key (HTTP {status}): check the connection's key (secrets.key) for {self.endpoint}"
+            )
         elif status == 404 and self.openai:
-            message = (f"no chat completions route at {self.url} (HTTP 404): check the URL; OpenAI-compatible endpoints "
-                       "are given by their base URL, ending in /v1")
+            message = (
+                f"no chat completions route at {self.url} (HTTP 404): check the URL; OpenAI-compatible endpoints "
+                "are given by their base URL, ending in /v1"
+            )
         elif status == 404:
             message = f"no scoring route at {self.endpoint} (HTTP 404): check the URL; AzureML endpoints end in /score"
         elif status == 408:
-            message = ("the model took longer than the deployment's request timeout (HTTP 408): raise "
-                       "request_settings.request_timeout_ms on the deployment or lower max_new_tokens")
+            message = (
+                "the model took longer than the deployment's request timeout (HTTP 408): raise "
+                "request_settings.request_timeout_ms on the deployment or lower max_new_tokens"
+            )
         elif status == 424:
             reason = response.headers.get(MODEL_ERROR_HEADER)
             message = f"the model container failed (HTTP 424{': ' + reason if reason else ''}): check the deployment's logs"
@@ -343,7 +386,6 @@ class EndpointClient:
             message = f"the endpoint failed (HTTP {status})"
         raise EndpointError(f"{message}{': ' + detail if detail else ''}", status)
 
-
     def _completion_text(self, payload: Any) -> str:
         """The answer of a `chat.completion`: its first choice's message content."""
         try:
@@ -351,8 +393,11 @@ class EndpointClient:
         except (TypeError, KeyError, IndexError):
             content = None
         if not isinstance(content, str):
-            raise EndpointError(f"{self.url} answered without choices[0].message.content: is this an OpenAI-compatible "
-                                "chat completions endpoint?", 200)
+            raise EndpointError(
+                f"{self.url} answered without choices[0].message.content: is this an OpenAI-compatible "
+                "chat completions endpoint?",
+                200,
+            )
         return content
 
 
@@ -466,9 +511,21 @@ def to_messages(question: str, chat_history: list[dict] | None = None, system_pr
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for i, turn in enumerate(chat_history or []):
         if not isinstance(turn, dict) or not isinstance(turn.get("inputs"), dict) or not isinstance(turn.get("outputs"), dict):
-            raise ValueError(f'chat_history[{i}] must look like {{"inputs": {{"input_data": ...}}, "outputs": {{"answer": ...}}}}')
-        messages.append({"role": "user", "content": _turn_text(turn["inputs"], ("input_data", "question", "chat_input"), f"chat_history[{i}].inputs")})
-        messages.append({"role": "assistant", "content": _turn_text(turn["outputs"], ("answer", "output", "chat_output"), f"chat_history[{i}].outputs")})
+            raise ValueError(
+                f'chat_history[{i}] must look like {{"inputs": {{"input_data": ...}}, "outputs": {{"answer": ...}}}}'
+            )
+        messages.append(
+            {
+                "role": "user",
+                "content": _turn_text(turn["inputs"], ("input_data", "question", "chat_input"), f"chat_history[{i}].inputs"),
+            }
+        )
+        messages.append(
+            {
+                "role": "assistant",
+                "content": _turn_text(turn["outputs"], ("answer", "output", "chat_output"), f"chat_history[{i}].outputs"),
+            }
+        )
     messages.append({"role": "user", "content": question})
     return messages
 

@@ -17,16 +17,21 @@ from typing import Any
 from phi3serve.contract import KEY_ENV  # the key variable's one home (clients and the local server share it)
 
 DEFAULT_NAME = "phi3_endpoint"
-KEY_ON_COMMAND_LINE = ("warning: --key puts the key where every user of this machine can read it (`ps`, /proc) and in "
-                       f"your shell history; use ${KEY_ENV} or --key-file instead")
+KEY_ON_COMMAND_LINE = (
+    "warning: --key puts the key where every user of this machine can read it (`ps`, /proc) and in "
+    f"your shell history; use ${KEY_ENV} or --key-file instead"
+)
 
 
 def add_key_options(parser: argparse.ArgumentParser, otherwise: str) -> None:
     """--key-file, and --key kept for old scripts with a warning; the same in every command that takes a key."""
     keys = parser.add_mutually_exclusive_group()
-    keys.add_argument("--key-file", metavar="FILE",
-                      help=f"read the endpoint key from FILE ('-': standard input, asked for without echo on a terminal); "
-                           f"without it the key comes from ${KEY_ENV}, else {otherwise}")
+    keys.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help=f"read the endpoint key from FILE ('-': standard input, asked for without echo on a terminal); "
+        f"without it the key comes from ${KEY_ENV}, else {otherwise}",
+    )
     keys.add_argument("--key", help="the key itself: discouraged, anyone on this machine can read it in `ps`")
 
 
@@ -48,8 +53,10 @@ def key_from(args: argparse.Namespace, parser: argparse.ArgumentParser, ask: boo
     if not key.strip():
         parser.error(f"the key from {source} is empty")
     if key != key.strip():
-        parser.error(f"the key from {source} starts or ends with whitespace (a space, tab or line break): remove it; "
-                     "clients send the key trimmed, so it would never match")
+        parser.error(
+            f"the key from {source} starts or ends with whitespace (a space, tab or line break): remove it; "
+            "clients send the key trimmed, so it would never match"
+        )
     return key
 
 
@@ -74,8 +81,10 @@ def endpoint_and_key(connection: Any, name: str = "the connection") -> tuple[str
     """configs.endpoint and secrets.key of a CustomConnection, or a ValueError naming the one missing."""
     configs, secrets = dict(connection.configs or {}), dict(connection.secrets or {})
     if not configs.get("endpoint"):
-        raise ValueError(f"{name} has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score) "
-                         "or an OpenAI-compatible base URL (ending in /v1)")
+        raise ValueError(
+            f"{name} has no configs.endpoint: set it to the endpoint's scoring URL (ending in /score) "
+            "or an OpenAI-compatible base URL (ending in /v1)"
+        )
     if not secrets.get("key"):
         raise ValueError(f"{name} has no secrets.key: set it to the endpoint's primary key")
     return configs["endpoint"], secrets["key"]
@@ -94,7 +103,9 @@ def read_connection(name: str) -> tuple[str, str, dict[str, str]]:
     try:
         connection = PFClient().connections.get(name, with_secrets=True)
     except Exception as exc:  # promptflow raises its own not-found error types, which vary by version
-        raise ValueError(f"cannot read connection '{name}' ({type(exc).__name__}): create it with 'phi3flow connect --name {name} ...'") from None
+        raise ValueError(
+            f"cannot read connection '{name}' ({type(exc).__name__}): create it with 'phi3flow connect --name {name} ...'"
+        ) from None
     return (*endpoint_and_key(connection, f"connection '{name}'"), client_options(connection))
 
 
@@ -113,17 +124,27 @@ def create_connection(endpoint: str, key: str, name: str = DEFAULT_NAME, **optio
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phi3flow connect", description=__doc__.splitlines()[0])
-    parser.add_argument("--endpoint", required=True, help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score, "
-                        "or an OpenAI-compatible base URL ending in /v1 (Foundry Models, Foundry Local, vLLM, phi3flow serve)")
-    parser.add_argument("--api-format", choices=["auto", "azureml", "openai"], default="auto",
-                        help="how to speak to it (default auto: OpenAI's Chat Completions when the URL ends in /v1)")
+    parser.add_argument(
+        "--endpoint",
+        required=True,
+        help="scoring URL, e.g. https://<endpoint>.<region>.inference.ml.azure.com/score, "
+        "or an OpenAI-compatible base URL ending in /v1 (Foundry Models, Foundry Local, vLLM, phi3flow serve)",
+    )
+    parser.add_argument(
+        "--api-format",
+        choices=["auto", "azureml", "openai"],
+        default="auto",
+        help="how to speak to it (default auto: OpenAI's Chat Completions when the URL ends in /v1)",
+    )
     parser.add_argument("--model", help="model (deployment) name an OpenAI-compatible endpoint serves, sent as 'model'")
     add_key_options(parser, "asked for without echo on a terminal")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"connection name (default {DEFAULT_NAME}, what flows/chat uses)")
     args = parser.parse_args(argv)
     key = key_from(args, parser, ask=True)
     if key is None:
-        parser.error(f"no key: set {KEY_ENV}, pass --key-file FILE (or --key-file - to pipe it in), or run on a terminal to be asked")
+        parser.error(
+            f"no key: set {KEY_ENV}, pass --key-file FILE (or --key-file - to pipe it in), or run on a terminal to be asked"
+        )
     from phi3flow.client import EndpointError
     from phi3flow.offline import use_offline_defaults
 

@@ -75,8 +75,11 @@ def _builder_folder(folder: Path, staging: Path) -> Path:
     itself (a merged adapter, a model built in code), and the builder fails with KeyError: 'type'.
     """
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    spelled = [key for key in ("rope_parameters", "rope_scaling")
-               if isinstance(config.get(key), dict) and config[key].get("rope_type") == "longrope" and "type" not in config[key]]
+    spelled = [
+        key
+        for key in ("rope_parameters", "rope_scaling")
+        if isinstance(config.get(key), dict) and config[key].get("rope_type") == "longrope" and "type" not in config[key]
+    ]
     if not spelled:
         return folder
     for key in spelled:
@@ -94,13 +97,30 @@ def _run_builder(source: Path, output: Path, precision: str, target: str, block_
     """Run the model builder in a child process, its chatter in a log file, one progress bar on stderr."""
     from tqdm import tqdm
 
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(output),
-               "-p", precision, "-e", target, "-c", str(output / ".cache"), "--extra_options", "prune_lm_head=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(source),
+        "-o",
+        str(output),
+        "-p",
+        precision,
+        "-e",
+        target,
+        "-c",
+        str(output / ".cache"),
+        "--extra_options",
+        "prune_lm_head=true",
+    ]
     if precision in ("int4", "int8"):
         command.append(f"block_size={block_size}")
     steps = layers + 4  # embedding, layers, final norm, LM head, saving
-    with open(log_path, "w", encoding="utf-8") as log, \
-            tqdm(total=steps, desc=f"ONNX {precision} ({target})", unit="step", file=sys.stderr) as bar:
+    with (
+        open(log_path, "w", encoding="utf-8") as log,
+        tqdm(total=steps, desc=f"ONNX {precision} ({target})", unit="step", file=sys.stderr) as bar,
+    ):
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         for line in process.stdout:
             log.write(line)
@@ -110,8 +130,10 @@ def _run_builder(source: Path, output: Path, precision: str, target: str, block_
     text = log_path.read_text(encoding="utf-8", errors="replace")
     if code != 0:
         if "is not currently supported" in text or "NotImplementedError" in text:
-            raise ExportError(f"the {_architecture(source)} architecture cannot be converted by onnxruntime-genai's model "
-                              f"builder; see {log_path} (Phi-3/3.5/4-mini, Llama, Mistral, Qwen and Gemma are supported)")
+            raise ExportError(
+                f"the {_architecture(source)} architecture cannot be converted by onnxruntime-genai's model "
+                f"builder; see {log_path} (Phi-3/3.5/4-mini, Llama, Mistral, Qwen and Gemma are supported)"
+            )
         tail = "\n".join(text.strip().splitlines()[-5:])
         raise ExportError(f"the model builder failed (exit {code}); last lines of {log_path}:\n{tail}")
 
@@ -134,8 +156,12 @@ def _gather_each_rows_last_token(model_path: Path) -> None:
     if gather is None:
         raise ExportError(f"the model builder's graph in {model_path} has no pruned LM head (/lm_head/prune/Gather)")
     name = gather.name.removesuffix("Gather") + "last_token/"
-    model.graph.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), name + "one"),
-                                    numpy_helper.from_array(np.array([0], dtype=np.int64), name + "zero")])
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), name + "one"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), name + "zero"),
+        ]
+    )
     index = [
         helper.make_node("Shape", ["input_ids"], [name + "columns"], start=1, end=2),
         helper.make_node("Shape", ["attention_mask"], [name + "width"], start=1, end=2),
@@ -144,11 +170,13 @@ def _gather_each_rows_last_token(model_path: Path) -> None:
         helper.make_node("Sub", [name + "columns", name + "padding"], [name + "count"]),
         helper.make_node("Sub", [name + "count", name + "one"], [name + "last"]),
         helper.make_node("Max", [name + "last", name + "zero"], [name + "index"]),  # [batch, 1]
-        helper.make_node("GatherND", [gather.input[0], name + "index"], list(gather.output), name=gather.name + "ND", batch_dims=1),
+        helper.make_node(
+            "GatherND", [gather.input[0], name + "index"], list(gather.output), name=gather.name + "ND", batch_dims=1
+        ),
     ]
     position = nodes.index(gather)
     model.graph.ClearField("node")
-    model.graph.node.extend(nodes[:position] + index + nodes[position + 1:])
+    model.graph.node.extend(nodes[:position] + index + nodes[position + 1 :])
     onnx.save(model, str(model_path))  # the weights stay where the builder wrote them (model.onnx.data)
 
 
@@ -164,14 +192,21 @@ def _finish_config(output: Path, stop_ids: list[int]) -> None:
     path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
-def export_onnx(model_dir: str | Path, output_dir: str | Path, precision: str = "int4", target: str = "cpu",
-                block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
+def export_onnx(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    precision: str = "int4",
+    target: str = "cpu",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Path:
     """Export a HF folder or a LoRA adapter folder to an ONNX Runtime GenAI folder; returns the folder."""
     from phi3serve.model import METADATA_FILE, ONNX_CONFIG, find_model_folder, read_json, stop_ids
 
     if precision not in PRECISIONS or target not in TARGETS or block_size not in BLOCK_SIZES:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, target one of {', '.join(TARGETS)} "
-                          f"and block size one of {', '.join(map(str, BLOCK_SIZES))}")
+        raise ExportError(
+            f"precision must be one of {', '.join(PRECISIONS)}, target one of {', '.join(TARGETS)} "
+            f"and block size one of {', '.join(map(str, BLOCK_SIZES))}"
+        )
     _check_combination(precision, target)
     _builder_available()
     try:
@@ -213,17 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="format", required=True)
     onnx = sub.add_parser("onnx", help="ONNX Runtime GenAI folder (what the AI Toolkit runs), via onnxruntime-genai's builder")
     onnx.add_argument("--model-dir", help="Hugging Face folder or LoRA adapter folder; default: the embedded model")
-    onnx.add_argument("--output-dir", required=True, help="new folder for the ONNX model (serve it with phi3flow serve --model-dir)")
+    onnx.add_argument(
+        "--output-dir", required=True, help="new folder for the ONNX model (serve it with phi3flow serve --model-dir)"
+    )
     onnx.add_argument("--precision", choices=PRECISIONS, default="int4", help="weights (default int4; fp16 needs --target cuda)")
     onnx.add_argument("--target", choices=TARGETS, default="cpu", help="execution provider the model is built for (default cpu)")
-    onnx.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
-                      help=f"int4/int8 weights per scale (default {DEFAULT_BLOCK_SIZE}; smaller: closer to the original, slower)")
+    onnx.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"int4/int8 weights per scale (default {DEFAULT_BLOCK_SIZE}; smaller: closer to the original, slower)",
+    )
     args = parser.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
         from phi3flow.embedded import embedded_model_dir
 
         model_dir = embedded_model_dir()
-    out = export_onnx(model_dir, args.output_dir, args.precision, args.target, args.block_size)  # ExportError: cli.main reports it
+    out = export_onnx(
+        model_dir, args.output_dir, args.precision, args.target, args.block_size
+    )  # ExportError: cli.main reports it
     print(f"ONNX model written to {out}; serve it with: phi3flow serve --model-dir {out}")
     return 0

@@ -51,11 +51,17 @@ class PortInUse(RuntimeError):
 def check_port_free(port: int) -> None:
     """Raise PortInUse when something listens on HOST:port (or on all addresses at that port)."""
     with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds: a closed server's TIME_WAIT is no conflict
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as gunicorn binds: a closed server's TIME_WAIT is no conflict
         try:
             probe.bind((HOST, port))
         except OSError as exc:
-            reason = "is already in use (another phi3flow serve, or another server)" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            reason = (
+                "is already in use (another phi3flow serve, or another server)"
+                if exc.errno == errno.EADDRINUSE
+                else f"cannot be used ({exc.strerror})"
+            )
             raise PortInUse(f"port {port} on {HOST} {reason}: stop that server or choose another --port") from None
 
 
@@ -92,8 +98,16 @@ def resolve_model_dir(model_dir: str | None) -> Path:
 class LocalEndpoint:
     """A local managed-online-endpoint look-alike: azmlinfsrv + score.py, started and stopped by us."""
 
-    def __init__(self, model_dir: Path, port: int | None = None, key: str | None = None, log_file: Path | None = None,
-                 workers: int = 1, threads: int = 48, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        port: int | None = None,
+        key: str | None = None,
+        log_file: Path | None = None,
+        workers: int = 1,
+        threads: int = 48,
+        env: dict[str, str] | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.port = port or free_port()
         self.key = key or secrets.token_urlsafe(32)
@@ -126,8 +140,13 @@ class LocalEndpoint:
         command = [str(server), "--entry_script", str(_score_script()), "--port", str(self.port)]
         output = open(self.log_file, "ab") if self.log_file else None
         # server logs go to the log file, else to stderr, keeping stdout for the URL and key lines
-        self.process = subprocess.Popen(_tied_to_this_process(command), env=self.environment(), stdout=output or sys.stderr,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            _tied_to_this_process(command),
+            env=self.environment(),
+            stdout=output or sys.stderr,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> LocalEndpoint:
@@ -174,11 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")
     add_key_options(parser, "a new one is generated and printed once (clients send it as 'Authorization: Bearer <key>')")
     parser.add_argument("--workers", type=int, default=1, help="inference server worker processes (each loads the model)")
-    parser.add_argument("--threads", type=int, default=48,
-                        help="concurrent requests per worker (default 48: 16 decoded together + 16 waiting, beyond that 503)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=48,
+        help="concurrent requests per worker (default 48: 16 decoded together + 16 waiting, beyond that 503)",
+    )
     args = parser.parse_args(argv)
     key = key_from(args, parser, ask=False)
-    endpoint = LocalEndpoint(resolve_model_dir(args.model_dir), port=args.port, key=key, workers=args.workers, threads=args.threads)
+    endpoint = LocalEndpoint(
+        resolve_model_dir(args.model_dir), port=args.port, key=key, workers=args.workers, threads=args.threads
+    )
     for signum in (signal.SIGTERM, signal.SIGHUP):  # stop the server on these too, not only Ctrl+C
         signal.signal(signum, lambda *_: sys.exit(0))
     try:
@@ -186,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         if key is None:
             print(f"Generated endpoint key (shown once): {endpoint.key}", flush=True)
         endpoint.wait_ready()
-        print(f"Scoring URL: {endpoint.url}\nConnect Prompt Flow to it: phi3flow connect --endpoint {endpoint.url} "
-              f"(the key from ${KEY_ENV}, --key-file FILE, or typed when asked)\nPress Ctrl+C to stop.", flush=True)
+        print(
+            f"Scoring URL: {endpoint.url}\nConnect Prompt Flow to it: phi3flow connect --endpoint {endpoint.url} "
+            f"(the key from ${KEY_ENV}, --key-file FILE, or typed when asked)\nPress Ctrl+C to stop.",
+            flush=True,
+        )
         return endpoint.process.wait()
     except PortInUse as exc:
         print(f"phi3flow serve: {exc}", file=sys.stderr)

@@ -147,8 +147,9 @@ def pf_connection(url: str, key: str) -> Iterator[str]:
     """The chat flow's connection `phi3_endpoint` for an endpoint (its key never echoed); pf's service stopped after."""
     from phi3flow.offline import stop_pf_service
 
-    result = pf("connection", "create", "-f", "connections/phi3_endpoint.yaml",
-                "--set", f"configs.endpoint={url}", f"secrets.key={key}")
+    result = pf(
+        "connection", "create", "-f", "connections/phi3_endpoint.yaml", "--set", f"configs.endpoint={url}", f"secrets.key={key}"
+    )
     assert result.returncode == 0, result.stderr
     assert key not in result.stdout + result.stderr
     yield "phi3_endpoint"
@@ -164,13 +165,24 @@ class PromptFlowHome:
         path.mkdir(parents=True, exist_ok=True)
         (path / "pf.yaml").write_text("telemetry:\n  enabled: 'false'\n")
         self.bin = bin_dir
-        self.env = {**os.environ, **OFFLINE_ENV, "PF_HOME_DIRECTORY": str(path), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    "PYTHONUNBUFFERED": "1"}  # logs line by line: the tests read them while pf runs
+        self.env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "PF_HOME_DIRECTORY": str(path),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1",
+        }  # logs line by line: the tests read them while pf runs
         self.processes: list[subprocess.Popen] = []
 
     def run(self, *args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                              env={**self.env, **(env or {})})
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+        )
 
     def connect(self, url: str, key: str = SECRET) -> None:
         """`phi3flow connect` (the key from its environment variable, never the command line)."""
@@ -181,14 +193,26 @@ class PromptFlowHome:
         """The local pf service on a free port (not the shared default 23333); its daemon keeps no pipe of ours."""
         from phi3flow.serve import free_port
 
-        subprocess.run([str(self.bin / "pf"), "service", "start", "--port", str(free_port())], env=self.env, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [str(self.bin / "pf"), "service", "start", "--port", str(free_port())],
+            env=self.env,
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
 
     def spawn(self, *args: str, log: Path, cwd: Path = REPO) -> subprocess.Popen:
         """A long-running `pf` command in its own process group, output to `log`."""
         with log.open("w") as out:
-            process = subprocess.Popen([str(self.bin / args[0]), *args[1:]], cwd=cwd, env=self.env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [str(self.bin / args[0]), *args[1:]],
+                cwd=cwd,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes.append(process)
         return process
 
@@ -217,9 +241,16 @@ def tiny_phi3(vocab_size: int, **ids: int | None) -> Phi3ForCausalLM:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     **{"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **ids})
+    cfg = Phi3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **{"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **ids},
+    )
     return Phi3ForCausalLM(cfg).eval()
 
 
@@ -227,9 +258,21 @@ def small_config(tmp: Path, files: tuple[Path, Path], **overrides) -> FinetuneCo
     """The CPU config, shrunk: settings of both parts (phi3flow's and the Trainer's) by their own names."""
     from phi3flow.finetune import config
 
-    values = dict(train_file=str(files[0]), test_file=str(files[1]), output_dir=str(tmp / "out"), max_seq_length=128,
-                  per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-3, max_steps=4,
-                  logging_steps=1, eval_strategy="no", save_steps=100, warmup_steps=0, lr_scheduler_type="constant")
+    values = dict(
+        train_file=str(files[0]),
+        test_file=str(files[1]),
+        output_dir=str(tmp / "out"),
+        max_seq_length=128,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=1,
+        eval_strategy="no",
+        save_steps=100,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+    )
     return config.load_config(config.DEFAULT_CONFIG, {**values, **overrides})
 
 
@@ -259,8 +302,12 @@ def tokenizer():
 def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     """A randomly initialised Phi-3 saved with the embedded tokenizer: the fused-projection path, in seconds."""
     folder = tmp_path_factory.mktemp("tiny-phi3")
-    model = tiny_phi3(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    model = tiny_phi3(
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -291,14 +338,29 @@ def build_longrope_phi3(out_dir: Path, rope_spelling: str = "hub") -> Path:
     llama = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
     src = llama.config
     half = src.hidden_size // src.num_attention_heads // 2
-    rope = {"rope_type": "longrope", "rope_theta": src.rope_parameters["rope_theta"], "short_factor": [1.0] * half,
-            "long_factor": [1.0 + 3.0 * i / (half - 1) for i in range(half)]}
-    config = Phi3Config(vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
-                        num_hidden_layers=src.num_hidden_layers, num_attention_heads=src.num_attention_heads,
-                        num_key_value_heads=src.num_key_value_heads, rms_norm_eps=src.rms_norm_eps, hidden_act=src.hidden_act,
-                        tie_word_embeddings=src.tie_word_embeddings, max_position_embeddings=4 * LONGROPE_ORIGINAL,
-                        original_max_position_embeddings=LONGROPE_ORIGINAL, rope_parameters=rope,
-                        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id)
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": src.rope_parameters["rope_theta"],
+        "short_factor": [1.0] * half,
+        "long_factor": [1.0 + 3.0 * i / (half - 1) for i in range(half)],
+    }
+    config = Phi3Config(
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        rms_norm_eps=src.rms_norm_eps,
+        hidden_act=src.hidden_act,
+        tie_word_embeddings=src.tie_word_embeddings,
+        max_position_embeddings=4 * LONGROPE_ORIGINAL,
+        original_max_position_embeddings=LONGROPE_ORIGINAL,
+        rope_parameters=rope,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        pad_token_id=src.pad_token_id,
+    )
     weights = {}
     for name, tensor in llama.state_dict().items():
         layer, _, leaf = name.rpartition(".self_attn.")
@@ -306,10 +368,12 @@ def build_longrope_phi3(out_dir: Path, rope_spelling: str = "hub") -> Path:
             continue  # fused below, into their q / gate sibling
         if leaf == "q_proj.weight":
             weights[f"{layer}.self_attn.qkv_proj.weight"] = torch.cat(
-                [tensor] + [llama.state_dict()[f"{layer}.self_attn.{p}_proj.weight"] for p in "kv"])
+                [tensor] + [llama.state_dict()[f"{layer}.self_attn.{p}_proj.weight"] for p in "kv"]
+            )
         elif name.endswith("mlp.gate_proj.weight"):  # Phi3MLP chunks gate_up_proj's output as (gate, up)
             weights[name.replace("gate_proj", "gate_up_proj")] = torch.cat(
-                [tensor, llama.state_dict()[name.replace("gate_proj", "up_proj")]])
+                [tensor, llama.state_dict()[name.replace("gate_proj", "up_proj")]]
+            )
         else:
             weights[name] = tensor
     model = Phi3ForCausalLM(config).eval()
@@ -321,9 +385,11 @@ def build_longrope_phi3(out_dir: Path, rope_spelling: str = "hub") -> Path:
     if rope_spelling == "hub":
         written = json.loads((out_dir / "config.json").read_text())
         params = written.pop("rope_parameters")
-        written.update(rope_theta=params["rope_theta"], original_max_position_embeddings=LONGROPE_ORIGINAL,
-                       rope_scaling={"type": "longrope", "short_factor": params["short_factor"],
-                                     "long_factor": params["long_factor"]})
+        written.update(
+            rope_theta=params["rope_theta"],
+            original_max_position_embeddings=LONGROPE_ORIGINAL,
+            rope_scaling={"type": "longrope", "short_factor": params["short_factor"], "long_factor": params["long_factor"]},
+        )
         (out_dir / "config.json").write_text(json.dumps(written, indent=2))
     return out_dir
 

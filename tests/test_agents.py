@@ -40,10 +40,12 @@ def test_agent_speaks_the_contract(endpoint):
     assert answer == "Bill Gates and Paul Allen."
     sent = endpoint.requests[0]
     assert sent["headers"]["Authorization"] == f"Bearer {SECRET}"
-    assert sent["body"] == {"input_data": {
-        "input_string": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who founded Microsoft?"}],
-        "parameters": {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64},
-    }}
+    assert sent["body"] == {
+        "input_data": {
+            "input_string": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who founded Microsoft?"}],
+            "parameters": {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64},
+        }
+    }
 
 
 def test_session_history_is_sent_as_role_content_turns(endpoint):
@@ -120,7 +122,11 @@ def test_stream_cut_mid_answer_raises(endpoint):
     endpoint.script = [Reply(body=sse("Bill", done=False), headers=SSE)]
     with pytest.raises(EndpointError, match="without its final 'done' event: the answer is incomplete"):
         stream_texts(client(endpoint))
-    endpoint.script = [Reply(body=[*sse("Bill", done=False), 'event: error\ndata: {"message": "engine stopped", "status": 503}\n\n'], headers=SSE)]
+    endpoint.script = [
+        Reply(
+            body=[*sse("Bill", done=False), 'event: error\ndata: {"message": "engine stopped", "status": 503}\n\n'], headers=SSE
+        )
+    ]
     with pytest.raises(EndpointError, match="failed after streaming 4 characters \\(HTTP 503\\): engine stopped") as info:
         stream_texts(client(endpoint))
     assert info.value.status == 503 and SECRET not in str(info.value)
@@ -135,7 +141,9 @@ def test_stopping_a_stream_early_drops_the_connection(endpoint):
     assert endpoint.disconnects == 1
 
 
-@pytest.mark.parametrize(("options", "expected"), [({"seed": 1}, "does not support the option.*seed"), ({"tools": [lambda: 1]}, "cannot call tools")])
+@pytest.mark.parametrize(
+    ("options", "expected"), [({"seed": 1}, "does not support the option.*seed"), ({"tools": [lambda: 1]}, "cannot call tools")]
+)
 def test_options_the_endpoint_cannot_honour_are_refused(endpoint, options, expected):
     with pytest.raises(ValueError, match=expected):
         asyncio.run(client(endpoint).get_response([Message(role="user", contents=["hi"])], options=options))
@@ -198,11 +206,15 @@ def test_agent_answers_on_the_embedded_model(local_client):
 
 @pytest.mark.model
 def test_agent_keeps_the_conversation_on_the_embedded_model(local_client):
-    agent = Agent(local_client, "You are a helpful assistant. Answer briefly.", default_options={"temperature": 0.0, "max_tokens": 32})
+    agent = Agent(
+        local_client, "You are a helpful assistant. Answer briefly.", default_options={"temperature": 0.0, "max_tokens": 32}
+    )
     session = agent.create_session()
-    history = [Message(role="user", contents=["Let's talk about Paris."]),
-               Message(role="assistant", contents=["Sure, Paris is the capital of France."]),
-               Message(role="user", contents=["Which country is it the capital of?"])]
+    history = [
+        Message(role="user", contents=["Let's talk about Paris."]),
+        Message(role="assistant", contents=["Sure, Paris is the capital of France."]),
+        Message(role="user", contents=["Which country is it the capital of?"]),
+    ]
     assert "France" in asyncio.run(agent.run(history, session=session)).text
 
 
@@ -211,7 +223,12 @@ def test_agent_streams_the_answer_it_gives_whole_on_the_embedded_model(local_cli
     options = {"temperature": 0.0, "max_tokens": 48}
 
     async def streamed() -> list[str]:
-        return [update.text async for update in Agent(local_client, "Be brief.", default_options=options).run("Who founded Microsoft?", stream=True)]
+        return [
+            update.text
+            async for update in Agent(local_client, "Be brief.", default_options=options).run(
+                "Who founded Microsoft?", stream=True
+            )
+        ]
 
     pieces = [text for text in asyncio.run(streamed()) if text]
     assert len(pieces) > 1
@@ -224,17 +241,42 @@ def test_evaluation_via_agent_matches_the_direct_path(endpoint, tmp_path, monkey
 
     from phi3flow.evaluation.compare import main as evaluate
 
-    rows = [{"prompt": q, "prompt_id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris."}]}
-            for i, q in enumerate(["Capital of France?", "Largest city in France?"])]
+    rows = [
+        {
+            "prompt": q,
+            "prompt_id": str(i),
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris."}],
+        }
+        for i, q in enumerate(["Capital of France?", "Largest city in France?"])
+    ]
     data = tmp_path / "test_data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     endpoint.script = [Reply(body={"output": "Paris."})]
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     for via in ("client", "agent"):
-        assert evaluate(["--candidate", endpoint.url, "--data", str(data), "--output-dir", str(tmp_path / via), "--via", via, "--concurrency", "1"]) == 0
+        assert (
+            evaluate(
+                [
+                    "--candidate",
+                    endpoint.url,
+                    "--data",
+                    str(data),
+                    "--output-dir",
+                    str(tmp_path / via),
+                    "--via",
+                    via,
+                    "--concurrency",
+                    "1",
+                ]
+            )
+            == 0
+        )
     bodies = [request["body"] for request in endpoint.requests]
     assert bodies[:2] == bodies[2:]
-    metrics = {via: json.loads((tmp_path / via / "metrics.json").read_text())["systems"]["candidate"]["metrics"] for via in ("client", "agent")}
+    metrics = {
+        via: json.loads((tmp_path / via / "metrics.json").read_text())["systems"]["candidate"]["metrics"]
+        for via in ("client", "agent")
+    }
     assert metrics["client"]["rouge_l"] == metrics["agent"]["rouge_l"] and metrics["agent"]["rouge_l"]["mean"] == 1.0
 
 
@@ -247,8 +289,9 @@ def test_agent_framework_openai_client_on_the_v1_route(local, local_client):
     options = {"temperature": 0.0, "max_tokens": 32}
 
     async def whole_and_streamed() -> tuple[str, list[str]]:  # one event loop: the OpenAI client's connections live in it
-        agent = Agent(OpenAIChatCompletionClient(model="phi3flow", api_key=local.key, base_url=base), "Be brief.",
-                      default_options=options)
+        agent = Agent(
+            OpenAIChatCompletionClient(model="phi3flow", api_key=local.key, base_url=base), "Be brief.", default_options=options
+        )
         whole = (await agent.run("Who founded Microsoft?")).text
         return whole, [update.text async for update in agent.run("Who founded Microsoft?", stream=True) if update.text]
 

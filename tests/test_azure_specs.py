@@ -143,11 +143,14 @@ def test_no_retired_or_cpu_sku() -> None:
 def test_compute_scales_to_zero() -> None:
     compute = spec("compute.yml")
     assert (compute.size, compute.min_instances, compute.max_instances, compute.idle_time_before_scale_down) == (
-        "Standard_NC24ads_A100_v4", 0, 1, 120)
+        "Standard_NC24ads_A100_v4",
+        0,
+        1,
+        120,
+    )
 
 
-@pytest.mark.parametrize(("env_spec", "extra"),
-                         [("train-environment.yml", "train"), ("inference-environment.yml", "serve")])
+@pytest.mark.parametrize(("env_spec", "extra"), [("train-environment.yml", "train"), ("inference-environment.yml", "serve")])
 def test_environment_is_a_cuda_image_with_the_project_extra(env_spec: str, extra: str) -> None:
     env = spec(env_spec)
     assert env.image.startswith("mcr.microsoft.com/azureml/") and "cuda12" in env.image
@@ -297,7 +300,9 @@ def test_specs_as_written_are_the_default_models() -> None:
     assert spec("finetune-job.yml").inputs["config"]._data == default.config
     assert spec("model.yml").name == azure.registered_name(azure.DEFAULT_MODEL)
     assert spec("deployment.yml").environment_variables[azure.CONTEXT_ENV] == str(default.max_context)
-    assert not any((folder / "chat-completion-pipeline.yml").exists() for folder in SPEC_DIRS)  # the catalog fine-tunes none of the models
+    assert not any(
+        (folder / "chat-completion-pipeline.yml").exists() for folder in SPEC_DIRS
+    )  # the catalog fine-tunes none of the models
 
 
 def test_context_cap_is_the_variable_the_server_reads() -> None:
@@ -319,8 +324,10 @@ def test_finetune_plan_with_overrides(tmp_path: Path) -> None:
     assert actions[-1][1].command.endswith("--output-dir ${{outputs.model}} --max-steps 5")
 
 
-@pytest.mark.parametrize(("model", "hub"), [("phi3-mini", "Phi-3-mini-4k-instruct"),
-                                           ("phi35-mini", "Phi-3.5-mini-instruct"), ("phi4-mini", "Phi-4-mini-instruct")])
+@pytest.mark.parametrize(
+    ("model", "hub"),
+    [("phi3-mini", "Phi-3-mini-4k-instruct"), ("phi35-mini", "Phi-3.5-mini-instruct"), ("phi4-mini", "Phi-4-mini-instruct")],
+)
 def test_each_model_has_its_job_name_and_context_cap(model: str, hub: str) -> None:
     job = azure.plan_finetune(args("finetune", "--model", model))[-1][1]
     assert job.inputs["config"]._data == f"{model}-qlora" and f"microsoft/{hub} " in job.description
@@ -341,14 +348,17 @@ def test_dry_run_shows_what_the_model_changes(offline: Path, capsys: pytest.Capt
         outputs[model] = capsys.readouterr().out
     changed = set(outputs["phi4-mini"].splitlines()) - set(outputs["phi3-mini"].splitlines())
     text = "\n".join(changed)
-    for expected in ("config: phi4-mini-qlora", "microsoft/Phi-4-mini-instruct", "phi4-mini-ultrachat",
-                     "PHI3FLOW_MAX_CONTEXT: '12288'"):
+    for expected in (
+        "config: phi4-mini-qlora",
+        "microsoft/Phi-4-mini-instruct",
+        "phi4-mini-ultrachat",
+        "PHI3FLOW_MAX_CONTEXT: '12288'",
+    ):
         assert expected in text, (expected, text)
 
 
 def test_deploy_plan_routes_all_traffic_to_the_deployment() -> None:
-    argv = ("deploy", "--endpoint-name", "my-chat", "--instance-type", "Standard_NC40ads_H100_v5",
-            "--model-version", "3")
+    argv = ("deploy", "--endpoint-name", "my-chat", "--instance-type", "Standard_NC40ads_H100_v5", "--model-version", "3")
     env, endpoint, deployment, traffic = (entity for _, entity in azure.plan_deploy(args(*argv)))
     assert isinstance(env, Environment) and env.name == ref_name(deployment.environment)
     assert (endpoint.name, endpoint.traffic) == ("my-chat", {})
@@ -396,8 +406,9 @@ def test_console_script_without_workspace_says_what_to_set(tmp_path: Path) -> No
     assert all(name in message for name in azure.WORKSPACE_ENV) and "config.json" in message
 
 
-def test_partial_workspace_settings_name_the_missing_ones(offline: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_partial_workspace_settings_name_the_missing_ones(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", "00000000-0000-0000-0000-000000000000")
     assert azure.main(["register", "--job-name", "j"]) == 2
     err = capsys.readouterr().err
@@ -409,8 +420,9 @@ class NoCredential:
         raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
 
 
-def test_missing_credentials_say_how_to_log_in(offline: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_credentials_say_how_to_log_in(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in azure.WORKSPACE_ENV:
         monkeypatch.setenv(name, "x")
     monkeypatch.setattr(azure, "_credential", lambda client_id: NoCredential())
@@ -419,8 +431,7 @@ def test_missing_credentials_say_how_to_log_in(offline: Path, monkeypatch: pytes
     assert "no Azure credentials found" in err and "az login" in err and "--client-id" in err
 
 
-def test_without_azure_ai_ml_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_azure_ai_ml_says_what_to_install(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "azure.ai.ml", None)
     assert azure.main(["deploy", "--dry-run"]) == 2
     assert "pip install 'phi3flow[azure]'" in capsys.readouterr().err
@@ -455,21 +466,25 @@ class FakeClient:
         return SimpleNamespace(result=lambda: self._record(entity))
 
 
-def test_deploy_sends_the_plan_and_prints_the_connect_command(monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_deploy_sends_the_plan_and_prints_the_connect_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     client = FakeClient()
     monkeypatch.setattr(azure, "connect_client", lambda client_id: client)
     assert azure.main(["deploy"]) == 0
-    assert [type(e) for e in client.sent] == [Environment, ManagedOnlineEndpoint, ManagedOnlineDeployment,
-                                              ManagedOnlineEndpoint]
+    assert [type(e) for e in client.sent] == [Environment, ManagedOnlineEndpoint, ManagedOnlineDeployment, ManagedOnlineEndpoint]
     assert client.sent[-1].traffic == {"blue": 100}
     out = capsys.readouterr().out
     uri = "https://phi3flow-chat.eastus.inference.ml.azure.com/score"
     assert f"scoring URI: {uri}" in out
-    assert (f'phi3flow connect --endpoint {uri} --key "$(az ml online-endpoint get-credentials --name phi3flow-chat '
-            '--resource-group my-group --workspace-name my-workspace --query primaryKey --output tsv)"') in out
-    assert "OpenAI-compatible base URL (openai SDK, Agent Framework, any OpenAI client): " \
-           "https://phi3flow-chat.eastus.inference.ml.azure.com/v1" in out
+    assert (
+        f'phi3flow connect --endpoint {uri} --key "$(az ml online-endpoint get-credentials --name phi3flow-chat '
+        '--resource-group my-group --workspace-name my-workspace --query primaryKey --output tsv)"'
+    ) in out
+    assert (
+        "OpenAI-compatible base URL (openai SDK, Agent Framework, any OpenAI client): "
+        "https://phi3flow-chat.eastus.inference.ml.azure.com/v1" in out
+    )
 
 
 def test_redeploy_keeps_traffic_on_the_live_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -481,8 +496,9 @@ def test_redeploy_keeps_traffic_on_the_live_deployment(monkeypatch: pytest.Monke
     assert client.sent[-1].traffic == {"blue": 100}
 
 
-def test_finetune_refuses_to_start_without_data(offline: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_refuses_to_start_without_data(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(azure, "connect_client", lambda client_id: pytest.fail("connected before checking data"))
     assert azure.main(["finetune", "--train-file", "absent.jsonl"]) == 2
     assert "run `phi3flow data` first" in capsys.readouterr().err

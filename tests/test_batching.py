@@ -28,9 +28,14 @@ CLIENTS = 8
 
 def ask_together(url: str, questions: list[str], max_new_tokens: int) -> list[requests.Response]:
     """Every question at once, one connection each, greedy."""
+
     def post(question: str) -> requests.Response:
-        body = {"input_data": {"input_string": [{"role": "user", "content": question}],
-                               "parameters": {"temperature": 0, "max_new_tokens": max_new_tokens}}}
+        body = {
+            "input_data": {
+                "input_string": [{"role": "user", "content": question}],
+                "parameters": {"temperature": 0, "max_new_tokens": max_new_tokens},
+            }
+        }
         return requests.post(url, json=body, headers={"Authorization": f"Bearer {SECRET}"}, timeout=300)
 
     with ThreadPoolExecutor(len(questions)) as pool:
@@ -93,7 +98,9 @@ def test_greedy_eval_is_reproducible_at_any_concurrency_and_against_itself(fp32_
     assert predictions(f"c{CLIENTS}", "same_a") == answers
     assert predictions("itself", "same_a") == predictions("itself", "same_b") == answers
     results = json.loads((tmp_path / "itself" / "metrics.json").read_text())
-    assert all(results["comparison"][m]["mean_difference"] == 0 for m in ("exact_match", "contains_fact", "rouge_l", "corpus_bleu"))
+    assert all(
+        results["comparison"][m]["mean_difference"] == 0 for m in ("exact_match", "contains_fact", "rouge_l", "corpus_bleu")
+    )
     server = results["systems"]["candidate"]["server"]
     assert server["batch_invariant"] is True and server["largest_batch"] > 1, server  # batched, and still the same answers
     assert results["decoding"]["temperature"] == 0.0 and results["decoding"]["concurrency"] == CLIENTS

@@ -26,8 +26,17 @@ from phi3flow.serve import free_port
 pytestmark = pytest.mark.e2e
 ARTIFACTS = REPO / "test-artifacts"  # screenshots and the pf commands' logs (gitignored)
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+]
 FETCH_FAILED = "Failed to fetch"  # the page's words when the serving app did not answer at all
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon", "Greece": "Athens"}
 
@@ -86,13 +95,25 @@ def capitals(pf_home):
 
 # ---- the flow served as an app -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def served_flow(pf_home, chat_flow, capitals):
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "pf-flow-serve.log"
-    process = pf_home.spawn("pf", "flow", "serve", "--source", str(chat_flow), "--host", "127.0.0.1", "--port", str(port),
-                            "--skip-open-browser", log=log)
+    process = pf_home.spawn(
+        "pf",
+        "flow",
+        "serve",
+        "--source",
+        str(chat_flow),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--skip-open-browser",
+        log=log,
+    )
 
     def healthy() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
@@ -106,7 +127,9 @@ def served_flow(pf_home, chat_flow, capitals):
 
 
 def test_pf_flow_serve_answers_with_history(served_flow, capitals):
-    history = [{"inputs": {"input_data": "What is the capital of France?"}, "outputs": {"answer": "The capital of France is Paris."}}]
+    history = [
+        {"inputs": {"input_data": "What is the capital of France?"}, "outputs": {"answer": "The capital of France is Paris."}}
+    ]
     response = requests.post(served_flow, json={"input_data": "And of Italy?", "chat_history": history}, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json() == {"answer": "The capital of Italy is Rome."}
@@ -131,6 +154,7 @@ def test_pf_flow_serve_reports_the_tools_error_when_the_key_is_refused(served_fl
 
 
 # ---- the chat page of `pf flow test --ui` in headless Chromium ------------------------------------------------------
+
 
 class ChatUi:
     """A running `pf flow test --ui`: the chat page's URL and the flow's serving app behind it (restarted by pf's monitor)."""
@@ -188,7 +212,9 @@ def chat_ui(pf_home, chat_flow, capitals) -> ChatUi:
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "chat_ui_failure.png").unlink(missing_ok=True)  # only this run's failure, if any
     log, app_port = ARTIFACTS / "pf-flow-test-ui.log", free_port()
-    process = pf_home.spawn("pf", "flow", "test", "--flow", str(chat_flow), "--ui", "--skip-open-browser", "--port", str(app_port), log=log)
+    process = pf_home.spawn(
+        "pf", "flow", "test", "--flow", str(chat_flow), "--ui", "--skip-open-browser", "--port", str(app_port), log=log
+    )
     ui = ChatUi(process, log, app_port, chat_flow)
     ui.wait_started()
     return ui
@@ -223,8 +249,11 @@ class ChatPage:
 
         self.driver, self.by, self.ui = driver, By, ui
         driver.get(ui.url)
-        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "[data-lexical-editor='true'][contenteditable='true']"), 60,
-                   "the chat page's message box")
+        wait_until(
+            lambda: driver.find_elements(By.CSS_SELECTOR, "[data-lexical-editor='true'][contenteditable='true']"),
+            60,
+            "the chat page's message box",
+        )
 
     def text(self) -> str:
         return self.driver.find_element(self.by.TAG_NAME, "body").text
@@ -242,9 +271,13 @@ class ChatPage:
             box.send_keys(message)
             self.driver.find_element(self.by.CSS_SELECTOR, "button[title='Send']").click()
             try:
-                text = wait_until(lambda seen=seen, failed=failed: (self.text().count(expect) > seen or self.text().count(FETCH_FAILED) > failed)
-                                  and self.text(),
-                                  timeout, f"{expect!r} on the chat page after sending {message!r}")
+                text = wait_until(
+                    lambda seen=seen, failed=failed: (
+                        (self.text().count(expect) > seen or self.text().count(FETCH_FAILED) > failed) and self.text()
+                    ),
+                    timeout,
+                    f"{expect!r} on the chat page after sending {message!r}",
+                )
             except pytest.fail.Exception:
                 self.screenshot("chat_ui_failure.png")
                 raise
@@ -253,8 +286,10 @@ class ChatPage:
             if self.ui.restarts() == restarts:
                 self.screenshot("chat_ui_failure.png")
                 pytest.fail(f"the page could not reach the flow's serving app after {message!r}, and pf did not restart it")
-            warnings.warn(f"pf restarted the chat page's serving app under {message!r} (promptflow 1.18.5's monitor race): sent again",
-                          stacklevel=2)
+            warnings.warn(
+                f"pf restarted the chat page's serving app under {message!r} (promptflow 1.18.5's monitor race): sent again",
+                stacklevel=2,
+            )
         pytest.fail(f"{message!r}: the serving app was restarted under every try")
 
     def screenshot(self, name: str) -> None:
@@ -273,8 +308,12 @@ def test_chat_page_answers_two_turns_and_sends_the_history(page, capitals):
     page.send("What is the capital of France?", "The capital of France is Paris.")
     text = page.send("And of Italy?", "The capital of Italy is Rome.")
     page.screenshot("chat_ui.png")
-    assert text.index("What is the capital of France?") < text.index("The capital of France is Paris.") < text.index(
-        "And of Italy?") < text.index("The capital of Italy is Rome.")
+    assert (
+        text.index("What is the capital of France?")
+        < text.index("The capital of France is Paris.")
+        < text.index("And of Italy?")
+        < text.index("The capital of Italy is Rome.")
+    )
     first, second = (request["body"]["input_data"]["input_string"] for request in server.requests[asked:])
     assert first == [{"role": "user", "content": "What is the capital of France?"}]
     assert second == [

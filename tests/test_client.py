@@ -112,21 +112,26 @@ def test_a_server_that_took_the_request_and_closed_is_not_called_unreachable():
         threading.Thread(target=read_then_close, daemon=True).start()
         port = server.getsockname()[1]
         closing = EndpointClient(f"http://127.0.0.1:{port}/score", SECRET, retries=1, backoff_factor=0.01)
-        with pytest.raises(EndpointError, match=f"127.0.0.1:{port} took the request but closed the connection without an "
-                                                "answer: the server may be restarting or shutting down") as info:
+        with pytest.raises(
+            EndpointError,
+            match=f"127.0.0.1:{port} took the request but closed the connection without an "
+            "answer: the server may be restarting or shutting down",
+        ) as info:
             closing.chat(USER)
         assert "cannot reach" not in str(info.value)
 
 
-@pytest.mark.parametrize(("body", "expected"), [({"result": "x"}, "without a string \"output\""), ("<html>", "not JSON")])
+@pytest.mark.parametrize(("body", "expected"), [({"result": "x"}, 'without a string "output"'), ("<html>", "not JSON")])
 def test_success_without_output_is_explained(endpoint, body, expected):
     endpoint.script = [Reply(body=body)]
     with pytest.raises(EndpointError, match=expected):
         client(endpoint).chat(USER)
 
 
-@pytest.mark.parametrize(("url", "key", "expected"), [("localhost:5001", SECRET, "not an http"), ("http://h/score", " ", "key is empty"),
-                                                      ("http://h/score", "kéy", "non-ASCII")])
+@pytest.mark.parametrize(
+    ("url", "key", "expected"),
+    [("localhost:5001", SECRET, "not an http"), ("http://h/score", " ", "key is empty"), ("http://h/score", "kéy", "non-ASCII")],
+)
 def test_bad_settings_are_refused_up_front(url, key, expected):
     with pytest.raises(EndpointError, match=expected):
         EndpointClient(url, key)
@@ -181,7 +186,9 @@ def test_the_tool_warns_once_when_greedy_answers_depend_on_the_batch(endpoint):
         for _ in range(3):
             chat(connection, "In which year?", temperature=0.0)
         assert [w.category for w in caught] == [BatchDependentAnswers]
-        assert "x-phi3flow-batch-invariant: false" in str(caught[0].message) and "PHI3FLOW_DTYPE=float32" in str(caught[0].message)
+        assert "x-phi3flow-batch-invariant: false" in str(caught[0].message) and "PHI3FLOW_DTYPE=float32" in str(
+            caught[0].message
+        )
         endpoint.script = [Reply(body={"output": "1975."}, headers={"x-phi3flow-batch-invariant": "true"})]
         chat(CustomConnection(configs={"endpoint": endpoint.url}, secrets={"key": "another-key"}), "Year?", temperature=0.0)
         assert len(caught) == 1

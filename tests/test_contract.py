@@ -54,10 +54,23 @@ def test_the_scoring_script_and_the_clients_share_the_key_variable():
     assert connect.KEY_ENV is contract.KEY_ENV is ENV["key"]
 
 
-@pytest.mark.parametrize(("authorization", "api_key", "expected"), [
-    ("Bearer k3y", None, True), ("bearer k3y", None, True), (b"Bearer  k3y ", None, True), (None, "k3y", True),
-    (None, b"k3y", True), ("Bearer wrong", "k3y", True), ("Basic k3y", None, False), ("k3y", None, False),
-    ("Bearer k3y-longer", None, False), (None, None, False), ("Bearer", "", False), ("Bearer \u00e9", None, False)])
+@pytest.mark.parametrize(
+    ("authorization", "api_key", "expected"),
+    [
+        ("Bearer k3y", None, True),
+        ("bearer k3y", None, True),
+        (b"Bearer  k3y ", None, True),
+        (None, "k3y", True),
+        (None, b"k3y", True),
+        ("Bearer wrong", "k3y", True),
+        ("Basic k3y", None, False),
+        ("k3y", None, False),
+        ("Bearer k3y-longer", None, False),
+        (None, None, False),
+        ("Bearer", "", False),
+        ("Bearer \u00e9", None, False),
+    ],
+)
 def test_one_key_check_for_the_scoring_script_and_the_worker(authorization, api_key, expected):
     """Header values as WSGI (text) or the worker (bytes) gives them; an open endpoint lets everything through."""
     assert contract.authorized(b"k3y", authorization, api_key) is expected
@@ -68,8 +81,14 @@ def test_pf_tool_validate_accepts_the_tool_package(tmp_path: Path):
     """`pf tool validate` on the package, as the tool-package quickstart does: it checks the `package_tools` entry
     point, imports every module of `phi3flow` (so each must import without the Agent Framework) and parses each tool."""
     env = {**os.environ, "PF_DISABLE_TRACING": "true"}
-    done = subprocess.run([pf_executable(), "tool", "validate", "--source", "phi3flow"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [pf_executable(), "tool", "validate", "--source", "phi3flow"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout[done.stdout.index("{"):])
+    result = json.loads(done.stdout[done.stdout.index("{") :])
     assert result == {"result": "Succeeded", "total_count": 1, "invalid_count": 0}

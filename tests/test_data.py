@@ -29,7 +29,9 @@ def read_lines(path: Path) -> list[dict]:
 
 def test_ground_truth_of_a_multi_turn_row_answers_its_prompt(tmp_path: Path) -> None:
     turns = [("Capital of France?", "Paris."), ("And of Italy?", "Rome.")]
-    rows = [schema.make_row([{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))])]
+    rows = [
+        schema.make_row([{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))])
+    ]
     schema.write_jsonl(rows, tmp_path / "rows.jsonl")
     line = json.loads((tmp_path / "rows.jsonl").read_text(encoding="utf-8"))
     assert (line["prompt"], line["ground_truth"]) == ("Capital of France?", "Paris.")
@@ -162,8 +164,9 @@ def test_cli_reports_bad_rows_and_writes_nothing(tmp_path: Path, capsys: pytest.
 
 
 def test_from_jsonl_fills_schema_and_keeps_every_row(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
-            for i in range(10)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]} for i in range(10)
+    ]
     source = write_file(tmp_path / "mine.jsonl", [json.dumps(r) for r in rows])
     assert data.main(["--from-jsonl", str(source), "--output-dir", str(tmp_path), "--test-size", "0.3"]) == 0
     train, test = read_lines(tmp_path / schema.TRAIN_FILE), read_lines(tmp_path / schema.TEST_FILE)
@@ -176,11 +179,17 @@ def test_a_file_not_in_utf8_is_one_clear_line_and_a_bom_is_fine(tmp_path: Path) 
     source = tmp_path / "latin1.jsonl"
     latin1 = json.dumps(GOOD).replace("Hi", "Caf\u00e9").encode("latin-1")
     source.write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1)
-    done = subprocess.run([sys.executable, "-m", "phi3flow.cli", "data", "--from-jsonl", str(source), "--output-dir",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "phi3flow.cli", "data", "--from-jsonl", str(source), "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [f"phi3flow data: {source}: line 2 is not UTF-8 text (byte 0xe9 at column "
-                                                f"{latin1.index(0xE9) + 1}); save the file as UTF-8"]
+    assert done.stderr.strip().splitlines() == [
+        f"phi3flow data: {source}: line 2 is not UTF-8 text (byte 0xe9 at column "
+        f"{latin1.index(0xE9) + 1}); save the file as UTF-8"
+    ]
     with_bom = write_file(tmp_path / "bom.jsonl", [json.dumps(GOOD)])
     with_bom.write_bytes(b"\xef\xbb\xbf" + with_bom.read_bytes())
     assert len(schema.read_jsonl(with_bom)) == 1
@@ -191,8 +200,9 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         schema.read_jsonl(tmp_path / "absent.jsonl")
 
 
-def test_offline_hub_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_offline_hub_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
     assert data.main(["--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
@@ -208,8 +218,7 @@ def test_hub_offline_env_skips_the_network(monkeypatch: pytest.MonkeyPatch) -> N
 def test_ultrachat_rows_are_split_and_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The hub path with `datasets` stubbed: the requested dataset/config/split and the row schema."""
     calls = []
-    rows = [schema.make_row([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}])
-            for i in range(20)]
+    rows = [schema.make_row([{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]) for i in range(20)]
 
     def load_dataset(name: str, config: str, split: str) -> list[dict]:
         calls.append((name, config, split))

@@ -13,8 +13,12 @@ import requests
 from conftest import REPO, SECRET, pf, pf_connection, served_locally
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
-QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
-                           "parameters": {"temperature": 0, "max_new_tokens": 24}}}
+QUESTION = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
+        "parameters": {"temperature": 0, "max_new_tokens": 24},
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +57,12 @@ def test_bad_input_over_http_is_4xx_never_500(served):
 
 
 def test_server_listens_on_loopback_only(served):
-    addresses = {conn.laddr.ip for proc in [psutil.Process(served.process.pid), *psutil.Process(served.process.pid).children(recursive=True)]
-                 for conn in proc.net_connections(kind="tcp") if conn.status == psutil.CONN_LISTEN}
+    addresses = {
+        conn.laddr.ip
+        for proc in [psutil.Process(served.process.pid), *psutil.Process(served.process.pid).children(recursive=True)]
+        for conn in proc.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
     assert addresses == {"127.0.0.1"}
 
 
@@ -70,16 +78,30 @@ def test_pf_flow_test_single_turn(connection):
 
 
 def test_pf_flow_test_with_chat_history(connection):
-    history = [{"inputs": {"input_data": "Let's talk about Paris."}, "outputs": {"answer": "Sure, Paris is the capital of France."}}]
-    result = pf("flow", "test", "--flow", "flows/chat", "--inputs", "input_data=Which country is it the capital of?",
-                f"chat_history={json.dumps(history)}")
+    history = [
+        {"inputs": {"input_data": "Let's talk about Paris."}, "outputs": {"answer": "Sure, Paris is the capital of France."}}
+    ]
+    result = pf(
+        "flow",
+        "test",
+        "--flow",
+        "flows/chat",
+        "--inputs",
+        "input_data=Which country is it the capital of?",
+        f"chat_history={json.dumps(history)}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "France" in json.loads((REPO / "flows/chat/.promptflow/flow.output.json").read_text())["answer"]
 
 
 def test_serve_cli_generates_key_and_prints_url(embedded_dir):
-    process = subprocess.Popen([sys.executable, "-m", "phi3flow.cli", "serve", "--model-dir", str(embedded_dir), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phi3flow.cli", "serve", "--model-dir", str(embedded_dir), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         lines = [process.stdout.readline() for _ in range(2)]
         key = lines[0].split(": ", 1)[1].strip()

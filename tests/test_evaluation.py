@@ -57,19 +57,23 @@ def books():
 
 def test_identical_answer_scores_perfectly():
     assert line_metrics(REFERENCE, REFERENCE, QUESTION) == pytest.approx(
-        {"exact_match": 1.0, "contains_fact": 1.0, "rouge_l": 1.0, "sentence_bleu": 100.0, "token_f1": 1.0, "length_ratio": 1.0})
+        {"exact_match": 1.0, "contains_fact": 1.0, "rouge_l": 1.0, "sentence_bleu": 100.0, "token_f1": 1.0, "length_ratio": 1.0}
+    )
 
 
 def test_disjoint_answer_scores_zero():
     scores = line_metrics("Bananas grow on plants", REFERENCE, QUESTION)  # no shared token, not even the full stop
-    assert scores == pytest.approx({"exact_match": 0.0, "contains_fact": 0.0, "rouge_l": 0.0, "sentence_bleu": 0.0, "token_f1": 0.0,
-                                    "length_ratio": 4 / 6})
+    assert scores == pytest.approx(
+        {"exact_match": 0.0, "contains_fact": 0.0, "rouge_l": 0.0, "sentence_bleu": 0.0, "token_f1": 0.0, "length_ratio": 4 / 6}
+    )
 
 
 def test_partial_overlap_matches_the_libraries():
     answer = "Oslo is the capital."
     scores = line_metrics(answer, REFERENCE, QUESTION)
-    assert scores["rouge_l"] == pytest.approx(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(REFERENCE, answer)["rougeL"].fmeasure)
+    assert scores["rouge_l"] == pytest.approx(
+        rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(REFERENCE, answer)["rougeL"].fmeasure
+    )
     assert scores["sentence_bleu"] == pytest.approx(sentence_bleu(answer, [REFERENCE]).score)
     assert 0 < scores["rouge_l"] < 1 and 0 < scores["sentence_bleu"] < 100
     # SQuAD tokens: answer {oslo, is, capital}, reference {capital, of, norway, is, oslo}: P=3/3, R=3/5
@@ -78,10 +82,17 @@ def test_partial_overlap_matches_the_libraries():
     assert (scores["exact_match"], scores["contains_fact"]) == (0.0, 1.0)  # not the reference's words, but its fact
 
 
-@pytest.mark.parametrize(("answer", "right"), [
-    ("The capital of Norway is Oslo!", True), ("oslo", True), ("Norway's capital city is Oslo, on a fjord.", True),
-    ("The capital of Norway is Bergen.", False), ("The capital of Norway is unknown.", False), ("Osloville.", False),
-])
+@pytest.mark.parametrize(
+    ("answer", "right"),
+    [
+        ("The capital of Norway is Oslo!", True),
+        ("oslo", True),
+        ("Norway's capital city is Oslo, on a fjord.", True),
+        ("The capital of Norway is Bergen.", False),
+        ("The capital of Norway is unknown.", False),
+        ("Osloville.", False),
+    ],
+)
 def test_contains_fact_checks_the_fact_not_the_template(answer: str, right: bool):
     """A right-shaped wrong answer scores high overlap but no fact; a verbose right one the opposite."""
     assert metrics.reference_fact(QUESTION, REFERENCE) == ["oslo"]
@@ -106,8 +117,11 @@ def test_corpus_bleu_is_sacrebleus():
     assert summary["mean"] == pytest.approx(corpus_bleu(predictions, [references]).score) and summary["n"] == 3
     assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
     # a paired corpus-level comparison: the references themselves against these predictions
-    verdict = paired_comparison(metrics.bleu_statistics(references * 10, references * 10), metrics.bleu_statistics(predictions * 10, references * 10),
-                                statistic=metrics.corpus_bleu_statistic)
+    verdict = paired_comparison(
+        metrics.bleu_statistics(references * 10, references * 10),
+        metrics.bleu_statistics(predictions * 10, references * 10),
+        statistic=metrics.corpus_bleu_statistic,
+    )
     assert verdict["mean_difference"] == pytest.approx(100 - corpus_bleu(predictions, [references]).score)
     assert verdict["winner"] == "candidate" and verdict["significant"]
 
@@ -154,7 +168,9 @@ def test_floor_answers_with_the_nearest_training_question():
     for question, answer in zip(questions, answers):  # same family: a sum gets a training sum, a capital a capital
         family = next(word for word in ("plus", "minus", "capital", "opposite", "after", "before") if word in question)
         assert family in answer, (question, answer)
-    assert metrics.nearest_answers(["What is 2 plus 3?"], [("What is 2 plus 3?", "x"), ("What is 2 plus 4?", "y")], exclude_same=True) == ["y"]
+    assert metrics.nearest_answers(
+        ["What is 2 plus 3?"], [("What is 2 plus 3?", "x"), ("What is 2 plus 4?", "y")], exclude_same=True
+    ) == ["y"]
 
 
 # --- phi3flow eval end to end ---------------------------------------------------------------------------------
@@ -165,8 +181,20 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "report"
-    argv = ["--candidate", "eval_candidate", "--baseline", "eval_baseline", "--data", str(data), "--output-dir", str(out),
-            "--concurrency", "3", "--max-new-tokens", "16"]
+    argv = [
+        "--candidate",
+        "eval_candidate",
+        "--baseline",
+        "eval_baseline",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--concurrency",
+        "3",
+        "--max-new-tokens",
+        "16",
+    ]
 
     assert compare.main(argv) == 1  # one baseline line failed: said in the exit status and the report
     results = json.loads((out / "metrics.json").read_text())
@@ -175,7 +203,11 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     failed_record = [json.loads(x) for x in (out / "eval_baseline.predictions.jsonl").read_text().splitlines()][2]
     assert failed_record["prediction"] is None and "HTTP 400" in failed_record["error"]
     # means come from the answered lines only, and agree with the metrics recomputed here
-    expected = [line_metrics("I do not know.", first_turn(r["messages"], "assistant"), r["prompt"])["rouge_l"] for i, r in enumerate(ROWS) if i != 2]
+    expected = [
+        line_metrics("I do not know.", first_turn(r["messages"], "assistant"), r["prompt"])["rouge_l"]
+        for i, r in enumerate(ROWS)
+        if i != 2
+    ]
     assert base["metrics"]["rouge_l"]["mean"] == pytest.approx(sum(expected) / 15)
     assert results["systems"]["candidate"]["metrics"]["rouge_l"]["mean"] == pytest.approx(1.0)
     assert results["comparison"]["rouge_l"]["n_pairs"] == 15 and results["comparison"]["rouge_l"]["winner"] == "candidate"
@@ -202,7 +234,9 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     assert candidate_stats["corpus_bleu"]["mean"] == pytest.approx(100.0)
     comparison = results["comparison"]
     assert set(comparison) == {*METRICS, "corpus_bleu", compare.LATENCY}
-    assert comparison["contains_fact"]["p_holm"] == pytest.approx(min(1.0, comparison["contains_fact"]["p_value"] * len(comparison)))
+    assert comparison["contains_fact"]["p_holm"] == pytest.approx(
+        min(1.0, comparison["contains_fact"]["p_value"] * len(comparison))
+    )
     assert results["decoding"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "concurrency": 3, "via": "client"}
     # what the servers said on the answers of this run (read off the responses; the candidate was asked nothing)
     assert results["systems"]["candidate"]["server"] == {"batch_invariant": None, "largest_batch": None, "answers_batched": None}
@@ -211,7 +245,11 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     floor = results["floor"]
     assert "other test question" in floor["method"] and set(floor["metrics"]) == {*METRICS, "corpus_bleu"}
     detail = {line["index"]: line for line in results["lines_detail"]}
-    assert len(detail) == 16 and detail[0]["candidate"]["contains_fact"] == 1.0 and detail[0]["floor"]["answer"] != ROWS[0]["messages"][1]["content"]
+    assert (
+        len(detail) == 16
+        and detail[0]["candidate"]["contains_fact"] == 1.0
+        and detail[0]["floor"]["answer"] != ROWS[0]["messages"][1]["content"]
+    )
 
     # report, metrics and plot agree
     report = (out / "report.md").read_text()
@@ -235,7 +273,6 @@ def test_eval_compares_two_endpoints_and_resumes_failed_lines(books, tmp_path: P
     assert "Report:" in capsys.readouterr().out
 
 
-
 def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, monkeypatch, capsys):
     """--judge rates each answer through a (local, scripted) Azure OpenAI chat deployment; without it, one note."""
     from promptflow.client import PFClient
@@ -245,19 +282,37 @@ def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, mon
 
     def grade(body: dict) -> Reply:
         rubric = body["messages"][1]["content"].split(":")[0]
-        return Reply(body={"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ratings[rubric]}}]})
+        return Reply(
+            body={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ratings[rubric]}}],
+            }
+        )
 
     chat, judge = answer_book(ANSWERS.get), ScriptedEndpoint(responder=grade)
-    PFClient().connections.create_or_update(AzureOpenAIConnection(
-        name="eval_judge", api_key="judge-key", api_base=f"http://127.0.0.1:{judge.server.server_address[1]}", api_version="2024-06-01"))
+    PFClient().connections.create_or_update(
+        AzureOpenAIConnection(
+            name="eval_judge",
+            api_key="judge-key",
+            api_base=f"http://127.0.0.1:{judge.server.server_address[1]}",
+            api_version="2024-06-01",
+        )
+    )
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", "chat-key")
     try:
         assert compare.main(["--candidate", chat.url, "--data", str(data), "--output-dir", str(tmp_path / "plain")]) == 0
         assert "AI-judged metrics (coherence, fluency, relevance) skipped" in capsys.readouterr().err
-        assert compare.main(["--candidate", chat.url, "--data", str(data), "--output-dir", str(tmp_path / "judged"), "--judge", "eval_judge"]) == 0
+        assert (
+            compare.main(
+                ["--candidate", chat.url, "--data", str(data), "--output-dir", str(tmp_path / "judged"), "--judge", "eval_judge"]
+            )
+            == 0
+        )
     finally:
         chat.close()
         judge.close()
@@ -266,6 +321,7 @@ def test_eval_with_an_azure_openai_judge_adds_judged_metrics(tmp_path: Path, mon
     assert (metrics["coherence"]["mean"], metrics["fluency"]["mean"], metrics["relevance"]["mean"]) == (4.0, 5.0, 3.0)
     assert "coherence" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())["systems"]["candidate"]["metrics"]
     assert "| relevance |" in (tmp_path / "judged" / "report.md").read_text()
+
 
 def test_eval_with_every_line_failed_still_reports(tmp_path: Path, monkeypatch):
     """No answered line: the means say n/a (corpus BLEU included), the floor is still scored, the exit status is 1."""
@@ -305,13 +361,16 @@ def test_evaluation_flow_nodes_on_their_sample_data():
 
     rows = [json.loads(line) for line in (REPO / "evaluation/flow/data.jsonl").read_text().splitlines()]
     lines = [node("line_metrics")(row["answer"], row["messages"]) for row in rows]
-    assert lines[0] == line_metrics(rows[0]["answer"], first_turn(rows[0]["messages"], "assistant"), first_turn(rows[0]["messages"], "user"))
+    assert lines[0] == line_metrics(
+        rows[0]["answer"], first_turn(rows[0]["messages"], "assistant"), first_turn(rows[0]["messages"], "user")
+    )
     assert [line["contains_fact"] for line in lines] == [1.0, 1.0, 0.0]  # the last answer has the template, not the fact
     means = node("aggregate")(lines, [row["answer"] for row in rows], [row["messages"] for row in rows])
     assert means["lines"] == len(rows) >= 3
     assert means["rouge_l"] == pytest.approx(sum(line["rouge_l"] for line in lines) / len(rows))
-    assert means["corpus_bleu"] == pytest.approx(metrics.corpus_bleu([row["answer"] for row in rows],
-                                                                     [first_turn(row["messages"], "assistant") for row in rows]))
+    assert means["corpus_bleu"] == pytest.approx(
+        metrics.corpus_bleu([row["answer"] for row in rows], [first_turn(row["messages"], "assistant") for row in rows])
+    )
 
 
 # --- the evaluation flow under pf, against a chat flow batch run -----------------------------------------------
@@ -330,13 +389,27 @@ def test_evaluation_flow_scores_a_chat_batch_run(tmp_path: Path):
         chat = pf.run(flow=REPO / "flows/chat", data=data, column_mapping={"input_data": "${data.prompt}"})
         outputs = pf.get_details(chat)
         assert len(outputs) == 3 and sorted(set(book.questions)) == sorted(r["prompt"] for r in ROWS[:3])
-        evaluation = pf.run(flow=REPO / "evaluation/flow", data=data, run=chat,
-                            column_mapping={"answer": "${run.outputs.answer}", "messages": "${data.messages}"})
+        evaluation = pf.run(
+            flow=REPO / "evaluation/flow",
+            data=data,
+            run=chat,
+            column_mapping={"answer": "${run.outputs.answer}", "messages": "${data.messages}"},
+        )
         logged = pf.get_metrics(evaluation)
         # the failed chat line has no answer to score: two lines, both answered exactly like the reference
         assert logged["lines"] == 2
-        assert logged == pytest.approx({"exact_match": 1.0, "contains_fact": 1.0, "rouge_l": 1.0, "sentence_bleu": 100.0, "token_f1": 1.0,
-                                        "length_ratio": 1.0, "corpus_bleu": 100.0, "lines": 2})
+        assert logged == pytest.approx(
+            {
+                "exact_match": 1.0,
+                "contains_fact": 1.0,
+                "rouge_l": 1.0,
+                "sentence_bleu": 100.0,
+                "token_f1": 1.0,
+                "length_ratio": 1.0,
+                "corpus_bleu": 100.0,
+                "lines": 2,
+            }
+        )
     finally:
         book.close()
         stop_pf_service()

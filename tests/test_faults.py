@@ -26,7 +26,12 @@ def test_restart_during_batch_run_is_recorded_then_resumed(tmp_path, monkeypatch
     server = ScriptedEndpoint()
     port = server.server.server_address[1]
     # line 3 is slow: the endpoint goes down while it is being answered, so line 4 finds nobody listening
-    server.script = [Reply(body={"output": "a"}), Reply(body={"output": "a"}), Reply(body={"output": "a"}, delay=2.0), Reply(body={"output": "a"})]
+    server.script = [
+        Reply(body={"output": "a"}),
+        Reply(body={"output": "a"}),
+        Reply(body={"output": "a"}, delay=2.0),
+        Reply(body={"output": "a"}),
+    ]
 
     def go_down_mid_run() -> None:
         while len(server.requests) < 3:
@@ -73,9 +78,16 @@ def test_burst_of_429s_backs_off_without_a_retry_storm(endpoint, retries):
 
 # --- nothing lost on interrupt or resume (phi3flow eval) ---------------------------------------------------
 
+
 def _data(tmp_path, lines: int):
-    rows = [{"prompt": f"q{i}", "prompt_id": str(i), "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-            for i in range(lines)]
+    rows = [
+        {
+            "prompt": f"q{i}",
+            "prompt_id": str(i),
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+        }
+        for i in range(lines)
+    ]
     data = tmp_path / "test_data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return data
@@ -130,10 +142,24 @@ def test_ctrl_c_stops_at_once_sends_nothing_more_and_keeps_the_answers(tmp_path)
     server = ScriptedEndpoint()
     server.script = [Reply(body={"output": "a"})] * 4 + [Reply(body={"output": "a"}, delay=120.0)]  # then the endpoint stalls
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "phi3flow.cli", "eval", "--candidate", server.url, "--data", str(_data(tmp_path, 40)),
-               "--output-dir", str(out), "--concurrency", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "phi3flow.cli",
+        "eval",
+        "--candidate",
+        server.url,
+        "--data",
+        str(_data(tmp_path, 40)),
+        "--output-dir",
+        str(out),
+        "--concurrency",
+        "2",
+    ]
     try:
-        process = subprocess.Popen(command, env={**os.environ, "PHI3FLOW_ENDPOINT_KEY": SECRET}, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command, env={**os.environ, "PHI3FLOW_ENDPOINT_KEY": SECRET}, stderr=subprocess.PIPE, text=True
+        )
         while len(server.requests) < 6:  # 4 answered, 2 waiting for the stalled endpoint
             assert process.poll() is None
             time.sleep(0.05)
@@ -150,6 +176,7 @@ def test_ctrl_c_stops_at_once_sends_nothing_more_and_keeps_the_answers(tmp_path)
 
 # --- finetune --resume after a kill while saving a checkpoint ---------------------------------------------
 
+
 @pytest.mark.model
 @pytest.mark.parametrize("cut", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
 def test_finetune_resume_falls_back_to_the_newest_intact_checkpoint(cut, tmp_path, sample_files, tiny_phi3_dir):
@@ -162,9 +189,14 @@ def test_finetune_resume_falls_back_to_the_newest_intact_checkpoint(cut, tmp_pat
     half = checkpoints / "checkpoint-3" / cut  # killed while writing this file
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
 
-    resumed = train.prepare(small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS,
-                                         max_steps=4, save_steps=1))
+    resumed = train.prepare(
+        small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS, max_steps=4, save_steps=1)
+    )
     steps = []
-    resumed.trainer.add_callback(type("Steps", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: steps.append(state.global_step)})())
+    resumed.trainer.add_callback(
+        type(
+            "Steps", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: steps.append(state.global_step)}
+        )()
+    )
     train.train(resumed, resume=True)
     assert steps == [3, 4]  # from checkpoint-2, the newest whole one

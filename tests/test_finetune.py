@@ -47,9 +47,23 @@ def test_shipped_configs() -> None:
 
 
 def test_cli_flags_override_yaml(tmp_path: Path) -> None:
-    cfg, args = config.parse_config(train.build_parser(), [
-        "--config", "embedded-lora-cpu", "--max-steps", "3", "--no-packing", "--target-modules", "q_proj, v_proj",
-        "--output-dir", str(tmp_path), "--warmup_steps", "5", "--resume"])
+    cfg, args = config.parse_config(
+        train.build_parser(),
+        [
+            "--config",
+            "embedded-lora-cpu",
+            "--max-steps",
+            "3",
+            "--no-packing",
+            "--target-modules",
+            "q_proj, v_proj",
+            "--output-dir",
+            str(tmp_path),
+            "--warmup_steps",
+            "5",
+            "--resume",
+        ],
+    )
     assert (cfg.training.max_steps, cfg.finetune.packing, cfg.output_dir) == (3, False, str(tmp_path))
     assert cfg.finetune.target_modules == ["q_proj", "v_proj"] and cfg.training.warmup_steps == 5
     assert args.resume and not args.merge
@@ -61,12 +75,15 @@ def test_cli_flags_override_yaml(tmp_path: Path) -> None:
     assert (both.training.max_steps, both.finetune.lora_r) == (7, 4)
 
 
-@pytest.mark.parametrize(("bf16", "cuda", "expected"), [
-    (True, None, (False, False)),  # CPU: fp32
-    (True, True, (True, False)),  # Ampere and newer: bf16
-    (True, False, (False, True)),  # T4, V100: fp16
-    (False, True, (False, False)),
-])
+@pytest.mark.parametrize(
+    ("bf16", "cuda", "expected"),
+    [
+        (True, None, (False, False)),  # CPU: fp32
+        (True, True, (True, False)),  # Ampere and newer: bf16
+        (True, False, (False, True)),  # T4, V100: fp16
+        (False, True, (False, False)),
+    ],
+)
 def test_bf16_becomes_what_the_hardware_computes(bf16, cuda, expected, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda)
@@ -81,8 +98,11 @@ def test_bf16_becomes_what_the_hardware_computes(bf16, cuda, expected, monkeypat
 def test_bad_configs_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\nlearning_rat: 0.1\nwarmup_ratio: 0.1\n")
-    with pytest.raises(config.ConfigError, match=r"unknown setting.*learning_rat \(did you mean learning_rate\?\)"
-                                                 r".*warmup_ratio \(now warmup_steps"):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"unknown setting.*learning_rat \(did you mean learning_rate\?\)"
+        r".*warmup_ratio \(now warmup_steps",
+    ):
         config.load_config(bad)
     with pytest.raises(config.ConfigError, match="phi3-mini-qlora"):
         config.load_config("no-such-config")
@@ -97,9 +117,7 @@ def test_bad_configs_are_clear(tmp_path: Path) -> None:
         config.FinetuneArguments(target_modules=[" , "])
 
 
-def test_bad_training_data_is_reported_before_loading_a_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_training_data_is_reported_before_loading_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "train.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert train.main(["--train-file", str(bad), "--test-file", str(bad), "--output-dir", str(tmp_path / "o")]) == 1
@@ -141,8 +159,12 @@ def test_end_of_turn_and_pad_come_from_the_template(tokenizer) -> None:
 @pytest.mark.model
 def test_labels_cover_assistant_turns_only(tokenizer) -> None:
     end = chat.end_of_turn_id(tokenizer)
-    messages = [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
-                {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
+    messages = [
+        {"role": "user", "content": "Question one?"},
+        {"role": "assistant", "content": "Answer one."},
+        {"role": "user", "content": "Question two?"},
+        {"role": "assistant", "content": "Answer two."},
+    ]
     example = chat.tokenize_conversation(tokenizer, messages, 512, end)
     labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != chat.IGNORE_INDEX]
     assert labelled == [t for t, label in zip(example["input_ids"], example["labels"]) if label == t]
@@ -188,8 +210,9 @@ def logits(model, tokenizer, text: str = "What is the capital of Peru?") -> torc
 
 @pytest.mark.model
 def test_tiny_phi3_trains_and_round_trips(tmp_path: Path, sample_files, tiny_phi3_dir: Path, tokenizer) -> None:
-    cfg = small_config(tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS,
-                       max_steps=3, learning_rate=1e-2)
+    cfg = small_config(
+        tmp_path, sample_files, model=str(tiny_phi3_dir), target_modules=PHI3_TARGETS, max_steps=3, learning_rate=1e-2
+    )
     prepared = train.prepare(cfg)
     metrics = train.train(prepared)
     trained = prepared.trainer.model.eval()
@@ -266,8 +289,7 @@ def test_adapter_loads_in_the_scoring_script_and_changes_answers(embedded_run) -
     for name, folder in (("base", embedded_model_dir()), ("tuned", Path(cfg.output_dir))):
         model = ChatModel.load(folder)
         engine = LoopEngine(model)
-        answers[name] = [ask(engine, model, ChatRequest([{"role": "user", "content": q}], params))[0].text
-                         for q in QUESTIONS]
+        answers[name] = [ask(engine, model, ChatRequest([{"role": "user", "content": q}], params))[0].text for q in QUESTIONS]
     assert answers["base"] != answers["tuned"], answers
 
 

@@ -33,8 +33,15 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def fresh_environment(path: Path, *requirements: str, cwd: Path) -> Path:
     """A new virtual environment with only `pip install <requirements>` (run in `cwd`) in it; its bin folder."""
     checked(subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True))
-    checked(subprocess.run([str(path / "bin/python"), "-m", "pip", "install", "--quiet", *requirements], cwd=cwd,
-                           capture_output=True, text=True, timeout=900))
+    checked(
+        subprocess.run(
+            [str(path / "bin/python"), "-m", "pip", "install", "--quiet", *requirements],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    )
     return path / "bin"
 
 
@@ -48,8 +55,14 @@ def wheel(tmp_path_factory) -> Path:
     """The light tool wheel, built from this checkout the way `make flow-wheel` builds it."""
     out = tmp_path_factory.mktemp("wheel")
     shutil.rmtree(REPO / "build", ignore_errors=True)  # as make flow-wheel: setuptools would ship stale copies from it
-    checked(subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(REPO)],
-                           capture_output=True, text=True, timeout=600))
+    checked(
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(REPO)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     return next(out.glob("phi3flow-*.whl"))
 
 
@@ -97,32 +110,58 @@ def test_chat_flow_answers_in_its_own_environment(chat_upload):
     system keyring). A compute session reads connections from the workspace instead, so it is no requirement of the flow."""
     folder, home = chat_upload
     keyring_pin = re.search(r"^keyrings\.alt==\S+$", (REPO / "requirements.txt").read_text(), flags=re.M).group(0)
-    checked(subprocess.run([str(home.bin / "python"), "-m", "pip", "install", "--quiet", keyring_pin], capture_output=True, text=True,
-                           timeout=600))
+    checked(
+        subprocess.run(
+            [str(home.bin / "python"), "-m", "pip", "install", "--quiet", keyring_pin],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     assert lacks(home.bin, "yaml")
     endpoint = ScriptedEndpoint()
     endpoint.script = [Reply(body={"output": "In 1975, with Paul Allen."})]
     try:
         home.connect(endpoint.url)
         history = [{"inputs": {"input_data": "Who founded Microsoft?"}, "outputs": {"answer": "Bill Gates and Paul Allen."}}]
-        checked(home.run("pf", "flow", "test", "--flow", ".", "--inputs", "input_data=When did Bill Gates found it?",
-                         f"chat_history={json.dumps(history)}", cwd=folder))
+        checked(
+            home.run(
+                "pf",
+                "flow",
+                "test",
+                "--flow",
+                ".",
+                "--inputs",
+                "input_data=When did Bill Gates found it?",
+                f"chat_history={json.dumps(history)}",
+                cwd=folder,
+            )
+        )
     finally:
         endpoint.close()
     assert json.loads((folder / ".promptflow/flow.output.json").read_text()) == {"answer": "In 1975, with Paul Allen."}
     request = endpoint.requests[-1]
     assert request["headers"]["Authorization"] == f"Bearer {SECRET}"
     assert [turn["content"] for turn in request["body"]["input_data"]["input_string"]] == [
-        "Who founded Microsoft?", "Bill Gates and Paul Allen.", "When did Bill Gates found it?"]
+        "Who founded Microsoft?",
+        "Bill Gates and Paul Allen.",
+        "When did Bill Gates found it?",
+    ]
 
 
 def test_evaluation_flow_scores_a_line_in_its_own_environment(eval_upload):
     folder, home = eval_upload
     assert lacks(home.bin, "yaml") and lacks(home.bin, "torch")
     answer = "Oslo is the capital of Norway."
-    messages = [{"role": "user", "content": "Which city is the capital of Norway?"},
-                {"role": "assistant", "content": "The capital of Norway is Oslo."}]
-    checked(home.run("pf", "flow", "test", "--flow", ".", "--inputs", f"answer={answer}", f"messages={json.dumps(messages)}", cwd=folder))
+    messages = [
+        {"role": "user", "content": "Which city is the capital of Norway?"},
+        {"role": "assistant", "content": "The capital of Norway is Oslo."},
+    ]
+    checked(
+        home.run(
+            "pf", "flow", "test", "--flow", ".", "--inputs", f"answer={answer}", f"messages={json.dumps(messages)}", cwd=folder
+        )
+    )
     scores = json.loads((folder / ".promptflow/flow.output.json").read_text())
     expected = line_metrics(answer, first_turn(messages, "assistant"), first_turn(messages, "user"))
     assert scores == pytest.approx({name: float(value) for name, value in expected.items()})
@@ -151,8 +190,15 @@ def test_bare_wheel_runs_what_needs_no_extra_and_names_the_extra_otherwise(bare_
     """The wheel alone: the data stage works from it; a command whose extra is missing says which, in one line."""
     bin_dir = bare_wheel
     work = tmp_path_factory.mktemp("work")
-    checked(subprocess.run([str(bin_dir / "phi3flow"), "data", "--sample", "--output-dir", "data"], cwd=work,
-                           capture_output=True, text=True, timeout=120))
+    checked(
+        subprocess.run(
+            [str(bin_dir / "phi3flow"), "data", "--sample", "--output-dir", "data"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    )
     assert len((work / "data" / "test_data.jsonl").read_text().splitlines()) == 80
     assert lacks(bin_dir, "torch")
     for command, extra in (["finetune", "--help"], "train"), (["azure", "--help"], "azure"):
@@ -167,8 +213,13 @@ def test_the_wheel_holds_the_checkouts_files_and_nothing_else(wheel):
 
     tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split())
     shipped = [name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name]
-    homes = {"phi3serve/": "deploy/phi3serve/", **{f"phi3flow/{stage}/": f"{stage}/" for stage in ("data", "deploy", "evaluation", "finetune", "tools")}}
+    homes = {
+        "phi3serve/": "deploy/phi3serve/",
+        **{f"phi3flow/{stage}/": f"{stage}/" for stage in ("data", "deploy", "evaluation", "finetune", "tools")},
+    }
     for name in shipped:
-        source = next((home + name[len(prefix):] for prefix, home in homes.items() if name.startswith(prefix)), name)
+        source = next((home + name[len(prefix) :] for prefix, home in homes.items() if name.startswith(prefix)), name)
         assert source in tracked, name
-    assert {"phi3flow/data/prepare.py", "phi3flow/finetune/train.py", "phi3serve/engine.py", "phi3agents/__init__.py"} <= set(shipped)
+    assert {"phi3flow/data/prepare.py", "phi3flow/finetune/train.py", "phi3serve/engine.py", "phi3agents/__init__.py"} <= set(
+        shipped
+    )

@@ -18,8 +18,12 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 
 
 def test_qlora_then_serving_on_cuda(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(BENCH), "--tiny", "--output-dir", str(tmp_path), "--train-steps", "4",
-                           "--train-warmup", "2"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--output-dir", str(tmp_path), "--train-steps", "4", "--train-warmup", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "phi3-mini" / "results.json").read_text())
     for mode, trained in results["trained"].items():

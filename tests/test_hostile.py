@@ -24,12 +24,17 @@ from phi3flow.serve import HOST, LocalEndpoint, free_port
 from phi3serve.gunicorn_config import GRACE_S
 from phi3serve.gunicorn_worker import HEAD_TIMEOUT_S
 
-QUESTION = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
-                           "parameters": {"temperature": 0, "max_new_tokens": 8}}}
+QUESTION = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"temperature": 0, "max_new_tokens": 8},
+    }
+}
 AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 # --- keys: never on a command line, never with stray whitespace ------------------------------------------
+
 
 @pytest.mark.parametrize("command", [serve.main, connect.main])
 @pytest.mark.parametrize("key", [" padded", "padded ", "tab\t", "\n"])
@@ -71,6 +76,7 @@ def test_no_key_anywhere_says_where_to_put_one(monkeypatch, capsys):
 
 # --- idle and slow clients, query-string keys (one real server) ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def served(embedded_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -96,7 +102,7 @@ class Drip:
         for position in range(len(request)):
             for sock in self.sockets:
                 try:
-                    sock.sendall(request[position:position + 1])
+                    sock.sendall(request[position : position + 1])
                 except OSError:
                     pass
             if self.stopped.wait(interval):
@@ -137,8 +143,12 @@ def test_idle_slow_header_and_slow_body_connections_leave_the_server_answering(s
 def test_a_key_sent_in_the_query_string_is_not_logged(served):
     endpoint, log = served
     leaked = "query-string-key-0123456789"
-    response = requests.post(f"{endpoint.url}?key={leaked}&subscription-key={leaked}", json=QUESTION,
-                             headers={**AUTH, "Referer": f"https://example.com/?key={leaked}"}, timeout=60)
+    response = requests.post(
+        f"{endpoint.url}?key={leaked}&subscription-key={leaked}",
+        json=QUESTION,
+        headers={**AUTH, "Referer": f"https://example.com/?key={leaked}"},
+        timeout=60,
+    )
     assert response.status_code == 200
     time.sleep(0.5)  # the log lines follow the answer
     text = log.read_text()
@@ -151,8 +161,10 @@ def test_a_key_sent_in_the_query_string_is_not_logged(served):
 def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(served):
     endpoint, _ = served
     sock = socket.create_connection((HOST, endpoint.port))
-    sock.sendall(f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {SECRET}\r\n"
-                 "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    sock.sendall(
+        f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {SECRET}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
     chunk = b"100000\r\n" + b"[" * (1 << 20) + b"\r\n"
     sent = 0
     try:
@@ -188,7 +200,11 @@ def _exchange(port: int, request: bytes, pause: float = 0.0, rest: bytes = b"") 
 
 
 def _head(method: str = "POST", path: str = "/score", **headers: str) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items())]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {HOST}",
+        *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -205,7 +221,7 @@ def test_a_body_without_the_key_is_refused_before_it_is_read(served):
     assert answer.startswith(b"HTTP/1.1 401")
     assert requests.get(f"http://{HOST}:{endpoint.port}/", timeout=30).status_code == 200  # health needs no key
     pipelined, _ = _exchange(endpoint.port, _head("GET", "/") + _head(Content_Length=str(1 << 20), api_key="wrong"))
-    refused = pipelined[pipelined.index(b"HTTP/1.1 401"):]  # behind a request, the same rule: the worker answers
+    refused = pipelined[pipelined.index(b"HTTP/1.1 401") :]  # behind a request, the same rule: the worker answers
     assert pipelined.startswith(b"HTTP/1.1 200") and b"Server: gunicorn" not in refused
     body = json.dumps(QUESTION).encode()
     for key_header in (AUTH, {"api-key": SECRET}):  # both spellings of the key reach the model
@@ -228,7 +244,7 @@ def test_oversized_and_malformed_bodies_get_a_4xx_and_never_a_500(served):
     answer, _ = _exchange(endpoint.port, _head(X_Big="a" * 70_000, **AUTH))
     assert answer.startswith(b"HTTP/1.1 431")
     body = json.dumps(QUESTION).encode()
-    framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7)) + b"0\r\n\r\n"
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7)) + b"0\r\n\r\n"
     answer, _ = _exchange(endpoint.port, chunked + framed)  # valid chunks still answer
     assert answer.startswith(b"HTTP/1.1 200") and b"Paris" in answer, answer[:300]
     expect = _head(Content_Length=str(len(body)), Expect="100-continue", Content_Type="application/json", **AUTH)
@@ -293,9 +309,15 @@ class Trickle:
 
 # --- the server dies with `serve`, and `serve` refuses a port another server holds -----------------------
 
+
 def _serve(port: int, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "phi3flow.cli", "serve", "--port", str(port)], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "phi3flow.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.e2e
@@ -346,8 +368,12 @@ def test_sigterm_drains_then_frees_the_port(embedded_dir):
         url, answers = f"http://{HOST}:{port}/score", {}
 
         def ask(name: str, content: str, tokens: int) -> None:
-            body = {"input_data": {"input_string": [{"role": "user", "content": content}],
-                                   "parameters": {"temperature": 0, "max_new_tokens": tokens}}}
+            body = {
+                "input_data": {
+                    "input_string": [{"role": "user", "content": content}],
+                    "parameters": {"temperature": 0, "max_new_tokens": tokens},
+                }
+            }
             response = requests.post(url, json=body, headers=AUTH, timeout=120)
             answers[name] = (response.status_code, response.headers.get("Content-Type"), response.json())
 

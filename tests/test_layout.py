@@ -31,11 +31,17 @@ def test_the_serving_package_never_imports_phi3flow(path):
     assert not {name for name in imported_modules(path) if name.split(".")[0] == "phi3flow"}
 
 
-@pytest.mark.parametrize(("second", "first"), [
-    ("phi3flow.deploy.phi3serve", "phi3serve"),
-    ("finetune", "phi3flow.finetune"), ("evaluation", "phi3flow.evaluation"), ("data", "phi3flow.data"),
-    ("tools", "phi3flow.tools"), ("deploy", "phi3flow.deploy"),
-])
+@pytest.mark.parametrize(
+    ("second", "first"),
+    [
+        ("phi3flow.deploy.phi3serve", "phi3serve"),
+        ("finetune", "phi3flow.finetune"),
+        ("evaluation", "phi3flow.evaluation"),
+        ("data", "phi3flow.data"),
+        ("tools", "phi3flow.tools"),
+        ("deploy", "phi3flow.deploy"),
+    ],
+)
 def test_a_module_cannot_be_imported_under_a_second_name(second, first):
     """From the repository root (on sys.path here, as in `python -m`), a stage folder's bare name is refused."""
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {second}"

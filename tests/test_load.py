@@ -21,7 +21,9 @@ def test_16_concurrent_clients_get_their_own_answers(embedded_dir, tmp_path):
         countries = [list(CAPITALS)[i % len(CAPITALS)] for i in range(32)]
 
         def ask(country: str) -> str:
-            return client.chat([{"role": "user", "content": f"What is the capital of {country}?"}], temperature=0, max_new_tokens=16)
+            return client.chat(
+                [{"role": "user", "content": f"What is the capital of {country}?"}], temperature=0, max_new_tokens=16
+            )
 
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, countries))
@@ -33,7 +35,12 @@ def test_16_concurrent_clients_get_their_own_answers(embedded_dir, tmp_path):
 def test_full_queue_answers_503_with_retry_after(embedded_dir, tmp_path):
     tight = {"PHI3FLOW_MAX_BATCH": "1", "PHI3FLOW_MAX_QUEUE": "1"}
     with LocalEndpoint(embedded_dir, key=SECRET, log_file=tmp_path / "server.log", threads=8, env=tight) as endpoint:
-        body = {"input_data": {"input_string": [{"role": "user", "content": "Count to twenty."}], "parameters": {"max_new_tokens": 48}}}
+        body = {
+            "input_data": {
+                "input_string": [{"role": "user", "content": "Count to twenty."}],
+                "parameters": {"max_new_tokens": 48},
+            }
+        }
 
         def post(_: int) -> requests.Response:
             return requests.post(endpoint.url, json=body, headers={"Authorization": f"Bearer {SECRET}"}, timeout=300)
@@ -46,10 +53,18 @@ def test_full_queue_answers_503_with_retry_after(embedded_dir, tmp_path):
     assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["message"] for r in busy)
 
 
-LONG = {"input_data": {"input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
-                       "parameters": {"max_new_tokens": 4096, "temperature": 2.0}}}
-SHORT = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of France?"}],
-                        "parameters": {"max_new_tokens": 16, "temperature": 0}}}
+LONG = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "Write a very long essay about every river on Earth."}],
+        "parameters": {"max_new_tokens": 4096, "temperature": 2.0},
+    }
+}
+SHORT = {
+    "input_data": {
+        "input_string": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"max_new_tokens": 16, "temperature": 0},
+    }
+}
 
 
 def test_long_requests_hold_no_one_back_and_stop_when_their_clients_leave(embedded_dir, tmp_path):
@@ -64,8 +79,11 @@ def test_long_requests_hold_no_one_back_and_stop_when_their_clients_leave(embedd
         clients = []
         for _ in range(8):
             sock = socket.create_connection((host, port))
-            sock.sendall(f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SECRET}\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            sock.sendall(
+                f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SECRET}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
             clients.append(sock)
         time.sleep(3)
         headers = {"Authorization": f"Bearer {SECRET}"}

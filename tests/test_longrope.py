@@ -25,14 +25,22 @@ from phi3serve.settings import ENV
 pytestmark = pytest.mark.model
 
 CROSSING = "Write a short story about a lonely fox lost in the Arctic snow."  # 44-token prompt, 48-token answer
-LONG = ("Tell me everything you know about the history of the Roman Empire, its emperors, its wars, its roads, its culture, "
-        "its fall, and what it left behind for modern Europe and the world today.")  # 71 tokens: long factors throughout
+LONG = (
+    "Tell me everything you know about the history of the Roman Empire, its emperors, its wars, its roads, its culture, "
+    "its fall, and what it left behind for modern Europe and the world today."
+)  # 71 tokens: long factors throughout
 SHORT = ["What is the capital of France?", "Name three colours.", "Say hello."]  # answers within 64 tokens
 
 
 def body(question: str, max_new_tokens: int) -> bytes:
-    return json.dumps({"input_data": {"input_string": [{"role": "user", "content": question}],
-                                      "parameters": {"temperature": 0, "max_new_tokens": max_new_tokens}}}).encode()
+    return json.dumps(
+        {
+            "input_data": {
+                "input_string": [{"role": "user", "content": question}],
+                "parameters": {"temperature": 0, "max_new_tokens": max_new_tokens},
+            }
+        }
+    ).encode()
 
 
 def job(model: ChatModel, question: str, max_new_tokens: int) -> Job:
@@ -69,9 +77,14 @@ def expected(reference, chat: ChatModel) -> dict[str, str]:
 def generated(reference, chat: ChatModel, question: str, max_new_tokens: int) -> str:
     ids = job(chat, question, max_new_tokens).ids
     with torch.inference_mode():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=chat.stop_ids, pad_token_id=chat.pad_id)
-    return chat.text(out[0, len(ids):].tolist())
+        out = reference.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=chat.stop_ids,
+            pad_token_id=chat.pad_id,
+        )
+    return chat.text(out[0, len(ids) :].tolist())
 
 
 def answers(engine, chat: ChatModel, requests: list[tuple[str, int]], gap_s: float = 0.0) -> list[str]:
@@ -142,9 +155,14 @@ def test_on_cuda_both_engines_answer_as_generate_across_the_switch(longrope_mode
 
     def expected(question: str, n: int) -> str:
         ids = job(model, question, n).ids
-        out = reference.generate(torch.tensor([ids], device="cuda"), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=model.stop_ids, pad_token_id=model.pad_id)
-        return model.text(out[0, len(ids):].tolist())
+        out = reference.generate(
+            torch.tensor([ids], device="cuda"),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=model.stop_ids,
+            pad_token_id=model.pad_id,
+        )
+        return model.text(out[0, len(ids) :].tolist())
 
     mixed = [(LONG, 24), (CROSSING, 48), (SHORT[0], 16)]
     loop = LoopEngine(model, max_batch=4)

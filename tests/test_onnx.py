@@ -23,7 +23,9 @@ pytestmark = pytest.mark.model
 
 
 def body(turns, **params) -> bytes:
-    return json.dumps({"input_data": {"input_string": turns, "parameters": {"temperature": 0, "max_new_tokens": 24, **params}}}).encode()
+    return json.dumps(
+        {"input_data": {"input_string": turns, "parameters": {"temperature": 0, "max_new_tokens": 24, **params}}}
+    ).encode()
 
 
 def user(text: str) -> list[dict]:
@@ -83,7 +85,10 @@ def test_generation_stops_at_end_of_turn_and_at_max_new_tokens(served):
     model, engine = served
     payload, _, _ = score.score(body(user("Say hello."), max_new_tokens=200))
     assert 0 < len(model.tokenizer(payload["output"])["input_ids"]) < 200  # the end-of-turn token stopped it
-    job = Job(model.encode(user("Write a long essay about rivers."), 7)[0], score.parse_request(body(user("x"), max_new_tokens=7)).params)
+    job = Job(
+        model.encode(user("Write a long essay about rivers."), 7)[0],
+        score.parse_request(body(user("x"), max_new_tokens=7)).params,
+    )
     engine.submit(job)
     assert job.future.result(timeout=60).tokens == 7
 
@@ -139,8 +144,10 @@ def test_greedy_answers_in_a_batch_equal_the_same_request_alone(served):
     model, engine = served
     greedy = score.parse_request(body(user("x"), max_new_tokens=20)).params
     sampled = score.parse_request(body(user("x"), temperature=1.3, top_p=0.9, repetition_penalty=1.2, max_new_tokens=30)).params
-    prompts = [model.encode(user(text), 20)[0] for text in
-               ("Hi", "What is the capital of France?", "Write a long story about owls who live in a very old library.")]
+    prompts = [
+        model.encode(user(text), 20)[0]
+        for text in ("Hi", "What is the capital of France?", "Write a long story about owls who live in a very old library.")
+    ]
     prompts.append(prompts[1] + [model.pad_id])
     assert len({len(ids) for ids in prompts}) == len(prompts)
 
@@ -171,7 +178,9 @@ def test_a_follow_up_turn_reuses_the_previous_turns_cache_and_answers_the_same(s
 
     first = user("What is the capital of France?")
     answer = ask(model.encode(first, 16)[0]).text
-    follow_up = model.encode(first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Japan?"}], 16)[0]
+    follow_up = model.encode(
+        first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Japan?"}], 16
+    )[0]
     kept = engine.kept[0]  # the first turn's Generator
     warm = ask(follow_up).text
     assert engine.kept[0] is kept  # rewound to the tokens the turns share and extended, not prefilled afresh
@@ -218,8 +227,10 @@ def test_a_lora_adapter_is_merged_then_exported(embedded_dir, tmp_path, monkeypa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_dir),
-                             LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    adapted = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(embedded_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+    )
     adapted.save_pretrained(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": str(embedded_dir)}))
@@ -238,8 +249,8 @@ def test_a_lora_adapter_is_merged_then_exported(embedded_dir, tmp_path, monkeypa
         engine.close()
     # fp32 ONNX of the merged model greedily continues like the merged transformers model, not like the base
     with torch.inference_mode():
-        expected = merged.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-        plain = base.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        expected = merged.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+        plain = base.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
     assert text == merged.text(expected) != base.text(plain)
 
 
@@ -250,13 +261,17 @@ def test_unsupported_architectures_and_combinations_get_a_clear_error(embedded_d
     AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ExportError, match="GPT2LMHeadModel architecture cannot be converted"):
         export_onnx(tmp_path / "gpt2", tmp_path / "out")
-    assert main(["export", "onnx", "--model-dir", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "o2"), "--precision", "fp16"]) == 1
+    assert (
+        main(
+            ["export", "onnx", "--model-dir", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "o2"), "--precision", "fp16"]
+        )
+        == 1
+    )
     assert "phi3flow export: fp16 runs on a GPU only" in capsys.readouterr().err
     assert main(["export", "onnx", "--model-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o3")]) == 1
     assert "No model found" in capsys.readouterr().err
     with pytest.raises(ExportError, match="block size one of 16, 32, 64, 128, 256"):
         export_onnx(embedded_dir, tmp_path / "o4", block_size=48)
-
 
 
 # --- LongRoPE (issue 22): the exported Phi-3 switches rotary factors past 64 positions, as generate() does ----------
@@ -277,8 +292,12 @@ def reference(hf, ids: list[int], max_new_tokens: int, stop: list[int]) -> list[
     import torch
 
     with torch.inference_mode():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=max_new_tokens, do_sample=False)[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
     return next((out[:i] for i, token in enumerate(out) if token in stop), out)
 
 
@@ -304,7 +323,7 @@ def unfixed(model: OnnxChatModel, ids: list[int], max_new_tokens: int) -> str:
     generator.append_tokens(np.asarray([ids], dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    answer = generator.get_sequence(0)[len(ids):].tolist()
+    answer = generator.get_sequence(0)[len(ids) :].tolist()
     return model.text(next((answer[:i] for i, token in enumerate(answer) if token in model.stop_ids), answer))
 
 
@@ -338,9 +357,13 @@ def test_longrope_crossing_answers_like_generate_alone_and_in_a_mixed_batch(long
     assert model.rope_switch == 64 and model.context == 256
     crossing, _ = model.encode(user(LONG_STORY), 48)
     short = [model.encode(user(q), 8)[0] for q in ("What is the capital of France?", "Name a color.")]
-    long = [model.encode(user(LONG_STORY + " " + extra), 16)[0] for extra in
-            ("Make the fox brave and kind, and give her a friend who is a snowy owl.",
-             "Let the story end with the first day of spring, when the ice begins to melt.")]
+    long = [
+        model.encode(user(LONG_STORY + " " + extra), 16)[0]
+        for extra in (
+            "Make the fox brave and kind, and give her a friend who is a snowy owl.",
+            "Let the story end with the first day of spring, when the ice begins to melt.",
+        )
+    ]
     assert len(crossing) < 64 < len(crossing) + 48 and all(len(ids) + 8 <= 64 for ids in short)
     assert all(len(ids) > 64 for ids in long)
     requests = [(crossing, 48), *((ids, 8) for ids in short), *((ids, 16) for ids in long)]
@@ -359,10 +382,12 @@ def test_longrope_prompt_cache_never_mixes_factor_sets(longrope_onnx):
     for a prompt past the switch, nor long keys (recomputed at a crossing) for a short prompt."""
     model, engine, hf = longrope_onnx
     story, _ = model.encode(user(LONG_STORY), 48)
-    turns = user(LONG_STORY) + [{"role": "assistant", "content": "Once upon a time a fox lived in the snow."},
-                                {"role": "user", "content": "Tell me more about her family."}]
+    turns = user(LONG_STORY) + [
+        {"role": "assistant", "content": "Once upon a time a fox lived in the snow."},
+        {"role": "user", "content": "Tell me more about her family."},
+    ]
     follow_up, _ = model.encode(turns, 8)
-    assert len(story) + 8 <= 64 < len(follow_up) and follow_up[:len(story) - 2] == story[:-2]
+    assert len(story) + 8 <= 64 < len(follow_up) and follow_up[: len(story) - 2] == story[:-2]
     engine.kept = None
     # (prompt, max_new_tokens, whether the previous request's Generator may serve it)
     for ids, n, reuse in ((story, 8, False), (follow_up, 8, False), (story, 48, False), (story, 8, False), (story, 8, True)):
@@ -397,8 +422,10 @@ def test_longrope_adapter_is_merged_then_exported(longrope_transformers5_dir, tm
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    adapted = get_peft_model(fp32(longrope_transformers5_dir),
-                             LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False))
+    adapted = get_peft_model(
+        fp32(longrope_transformers5_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False),
+    )
     adapted.save_pretrained(tmp_path / "adapter")
     config_path = tmp_path / "adapter" / "adapter_config.json"
     base = {"base_model_name_or_path": str(longrope_transformers5_dir)}

@@ -22,31 +22,49 @@ def parse(**fields) -> openai.CompletionRequest:
 
 
 def test_request_maps_to_the_contract():
-    request = parse(model="x", temperature=0, top_p=0.5, max_completion_tokens=9, stop="\n", stream=True,
-                    stream_options={"include_usage": True}, seed=3, n=1, presence_penalty=0, user="u1")
+    request = parse(
+        model="x",
+        temperature=0,
+        top_p=0.5,
+        max_completion_tokens=9,
+        stop="\n",
+        stream=True,
+        stream_options={"include_usage": True},
+        seed=3,
+        n=1,
+        presence_penalty=0,
+        user="u1",
+    )
     assert request.chat.messages == QUESTION
     assert (request.chat.params.temperature, request.chat.params.top_p, request.chat.params.max_new_tokens) == (0, 0.5, 9)
     assert request.chat.params.greedy and request.stream and request.include_usage and request.stop == ("\n",)
     assert parse().chat.params == DEFAULTS  # the contract's defaults, not OpenAI's
-    parts = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi "},
-                                                                                           {"type": "text", "text": "there"}]}]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+    ]
     assert openai.parse(json.dumps({"messages": parts}).encode()).chat.messages == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+    ]
 
 
-@pytest.mark.parametrize(("fields", "param", "expected"), [
-    ({"n": 2}, "n", "n must be 1"),
-    ({"temperature": 3}, "temperature", r"temperature must be in \[0, 2\]"),
-    ({"max_tokens": 0}, "max_tokens", "max_tokens must be in"),
-    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
-    ({"logit_bias": {"1": 2}}, "logit_bias", "logit_bias is not supported"),
-    ({"tools": [{"type": "function"}]}, "tools", "cannot call tools"),
-    ({"seed": 1, "temperature": 0.7}, "seed", "only with temperature 0"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "only text parts"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "messages.0..role must be one of"),
-    ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0]", "tool calls"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param", "expected"),
+    [
+        ({"n": 2}, "n", "n must be 1"),
+        ({"temperature": 3}, "temperature", r"temperature must be in \[0, 2\]"),
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be in"),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differ"),
+        ({"logit_bias": {"1": 2}}, "logit_bias", "logit_bias is not supported"),
+        ({"tools": [{"type": "function"}]}, "tools", "cannot call tools"),
+        ({"seed": 1, "temperature": 0.7}, "seed", "only with temperature 0"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "only text parts"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "messages.0..role must be one of"),
+        ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0]", "tool calls"),
+    ],
+)
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(fields, param, expected):
     with pytest.raises(BadRequest, match=expected) as info:
         parse(**fields)
@@ -80,8 +98,12 @@ def client(served) -> sdk.OpenAI:
 @pytest.mark.model
 def test_sdk_gets_the_greedy_answer_of_score(served, client):
     answer = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24)
-    contract = requests.post(served.url, headers={"Authorization": f"Bearer {SECRET}"}, timeout=120, json={
-        "input_data": {"input_string": QUESTION, "parameters": {"temperature": 0, "max_new_tokens": 24}}}).json()
+    contract = requests.post(
+        served.url,
+        headers={"Authorization": f"Bearer {SECRET}"},
+        timeout=120,
+        json={"input_data": {"input_string": QUESTION, "parameters": {"temperature": 0, "max_new_tokens": 24}}},
+    ).json()
     assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content == contract["output"]
     assert "Gates" in contract["output"]
@@ -97,8 +119,11 @@ def test_sdk_gets_the_greedy_answer_of_score(served, client):
 @pytest.mark.model
 def test_sdk_streams_the_same_answer(client):
     whole = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="any", messages=QUESTION, temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -108,11 +133,15 @@ def test_sdk_streams_the_same_answer(client):
 
 @pytest.mark.model
 def test_sdk_stop_sequence(client):
-    whole = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24).choices[0].message.content
+    whole = (
+        client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24).choices[0].message.content
+    )
     word = whole.split()[3]
     cut = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24, stop=[word])
-    assert cut.choices[0].message.content == whole[:whole.index(word)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=24, stop=[word], stream=True)
+    assert cut.choices[0].message.content == whole[: whole.index(word)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model="any", messages=QUESTION, temperature=0, max_tokens=24, stop=[word], stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut.choices[0].message.content
 
 
@@ -126,8 +155,7 @@ def test_sdk_bad_key_and_bad_parameter(served, client):
     assert info.value.body["param"] == "top_p" and "top_p must be in (0, 1]" in info.value.body["message"]
     with pytest.raises(sdk.BadRequestError, match="n must be 1"):
         client.chat.completions.create(model="any", messages=QUESTION, n=2)
-    azure_style = sdk.OpenAI(base_url=client.base_url, api_key="unused", default_headers={"api-key": SECRET,
-                                                                                          "Authorization": ""})
+    azure_style = sdk.OpenAI(base_url=client.base_url, api_key="unused", default_headers={"api-key": SECRET, "Authorization": ""})
     assert azure_style.chat.completions.create(model="any", messages=QUESTION, max_tokens=2).usage.completion_tokens == 2
 
 
@@ -137,7 +165,10 @@ def test_openai_body_on_the_scoring_route(served, client):
     sent = {"messages": QUESTION, "temperature": 0, "max_tokens": 24}
     answer = requests.post(served.url, json=sent, headers={"api-key": SECRET}, timeout=120).json()
     assert answer["object"] == "chat.completion"
-    assert answer["choices"][0]["message"]["content"] == client.chat.completions.create(model="any", **sent).choices[0].message.content
+    assert (
+        answer["choices"][0]["message"]["content"]
+        == client.chat.completions.create(model="any", **sent).choices[0].message.content
+    )
     refused = requests.post(served.url, json={**sent, "n": 3}, headers={"api-key": SECRET}, timeout=120)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
 
@@ -151,14 +182,19 @@ def test_client_picks_the_dialect_from_the_url():
     from phi3flow.client import EndpointClient, EndpointError
     from phi3flow.connect import client_options
 
-    assert EndpointClient("https://x.services.ai.azure.com/openai/v1", "k").url == "https://x.services.ai.azure.com/openai/v1/chat/completions"
+    assert (
+        EndpointClient("https://x.services.ai.azure.com/openai/v1", "k").url
+        == "https://x.services.ai.azure.com/openai/v1/chat/completions"
+    )
     assert not EndpointClient("https://x.inference.ml.azure.com/score", "k").openai
     explicit = EndpointClient("https://x.inference.ml.azure.com/score", "k", api_format="openai")
     assert explicit.openai and explicit.url == "https://x.inference.ml.azure.com/score"  # the OpenAI body on the scoring route
     assert not EndpointClient("http://localhost:8000/v1", "k", api_format="azureml").openai
     with pytest.raises(EndpointError, match="api_format must be one of"):
         EndpointClient("http://localhost:8000/v1", "k", api_format="anthropic")
-    connection = SimpleNamespace(configs={"endpoint": "http://h/v1", "model": "Phi-4-mini-instruct", "api_format": ""}, secrets={"key": "k"})
+    connection = SimpleNamespace(
+        configs={"endpoint": "http://h/v1", "model": "Phi-4-mini-instruct", "api_format": ""}, secrets={"key": "k"}
+    )
     assert client_options(connection) == {"model": "Phi-4-mini-instruct"}
 
 
@@ -202,15 +238,37 @@ def test_comparison_puts_an_openai_endpoint_beside_a_scoring_url(served, tmp_pat
     model behind both dialects scores the same, line for line."""
     from phi3flow.evaluation.compare import main as evaluate
 
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in [("Who founded Microsoft?", "Bill Gates and Paul Allen."), ("What is the capital of France?", "Paris.")]]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Who founded Microsoft?", "Bill Gates and Paul Allen."), ("What is the capital of France?", "Paris.")]
+    ]
     data = tmp_path / "test_data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     monkeypatch.setenv("PHI3FLOW_ENDPOINT_KEY", SECRET)
     base = served.url.removesuffix("/score") + "/v1"
-    assert evaluate(["--candidate", base, "--baseline", served.url, "--data", str(data), "--output-dir", str(tmp_path / "out"),
-                     "--max-new-tokens", "24", "--concurrency", "1"]) == 0
+    assert (
+        evaluate(
+            [
+                "--candidate",
+                base,
+                "--baseline",
+                served.url,
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--max-new-tokens",
+                "24",
+                "--concurrency",
+                "1",
+            ]
+        )
+        == 0
+    )
     systems = json.loads((tmp_path / "out" / "metrics.json").read_text())["systems"]
-    quality = [{name: value for name, value in systems[role]["metrics"].items() if name != "latency_s"} for role in ("candidate", "baseline")]
+    quality = [
+        {name: value for name, value in systems[role]["metrics"].items() if name != "latency_s"}
+        for role in ("candidate", "baseline")
+    ]
     assert quality[0] == quality[1]
     assert systems["candidate"]["metrics"]["rouge_l"]["mean"] > 0

@@ -29,7 +29,7 @@ class Parsed(Exception):
 @pytest.mark.parametrize("line", documented_commands())
 def test_documented_command_parses(line, monkeypatch):
     words = shlex.split(re.sub(r'"\$\(.*?\)"', "KEY", line))
-    words = words[next(i for i, w in enumerate(words) if w.endswith("bin/phi3flow")) + 1:]
+    words = words[next(i for i, w in enumerate(words) if w.endswith("bin/phi3flow")) + 1 :]
     words = words[: next((i for i, w in enumerate(words) if w in {">", "&", "2>&1"} or w.startswith(">")), len(words))]
     needs = "agent_framework" if words[0] == "agent" else "promptflow"  # .venv-agents has one, .venv the other
     if importlib.util.find_spec(needs) is None:

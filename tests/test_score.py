@@ -33,7 +33,13 @@ def test_valid_request_gets_defaults_and_params():
     assert request.params == Parameters(temperature=0, top_p=0.5, max_new_tokens=8, do_sample=False)
     assert request.params.greedy
     assert parse_request(body()).params == DEFAULTS
-    assert DEFAULTS.as_dict() == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 128, "do_sample": True, "repetition_penalty": 1.0}
+    assert DEFAULTS.as_dict() == {
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "max_new_tokens": 128,
+        "do_sample": True,
+        "repetition_penalty": 1.0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,10 @@ def test_valid_request_gets_defaults_and_params():
         (body([{"role": "user", "content": 42}]), r"input_string\[0\].content must be a string"),
         (body([{"role": "user"}]), r"content must be a string"),
         (body([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "must end with a user turn"),
-        (body([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]), "system turn is only allowed first"),
+        (
+            body([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]),
+            "system turn is only allowed first",
+        ),
         (body(temperature="hot"), "parameters.temperature must be a number"),
         (body(temperature=True), "parameters.temperature must be a number"),
         (body(temperature=-1), r"parameters.temperature must be in \[0, 2\]"),
@@ -59,11 +68,22 @@ def test_valid_request_gets_defaults_and_params():
         (body(max_new_tokens=1.5), "must be a whole number"),
         (body(do_sample="yes"), "do_sample must be true or false"),
         (body(beams=4), "unknown parameter.*beams.*supported"),
-        (b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": [1]}}', "parameters must be an object"),
+        (
+            b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": [1]}}',
+            "parameters must be an object",
+        ),
         # falsy non-objects are no "no parameters" (only an absent or null field is)
-        *[(b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": %s}}' % raw,
-           "parameters must be an object") for raw in (b"[]", b"false", b"0", b'""')],
-        (b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": {"temperature": NaN}}}', "must be a finite number"),
+        *[
+            (
+                b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": %s}}' % raw,
+                "parameters must be an object",
+            )
+            for raw in (b"[]", b"false", b"0", b'""')
+        ],
+        (
+            b'{"input_data": {"input_string": [{"role": "user", "content": "a"}], "parameters": {"temperature": NaN}}}',
+            "must be a finite number",
+        ),
         # hostile inputs that once gave 500s or echoed whole values
         (body(max_new_tokens=10**400), r"max_new_tokens must be in \[1, 4096\], got a 401-digit number"),
         (body(temperature=-(10**400)), "temperature must be in"),
@@ -206,7 +226,7 @@ def test_truncation_finds_the_fewest_dropped_turns(model, monkeypatch):
     turns += [{"role": "user", "content": "Last question?"}]
     ids, dropped = model.encode(turns, 50)
     assert len(ids) <= 250 and turns[dropped]["role"] == "user"
-    assert len(model._render(turns[dropped - 2:])) > 250  # keeping one more exchange would not fit
+    assert len(model._render(turns[dropped - 2 :])) > 250  # keeping one more exchange would not fit
 
 
 @pytest.mark.model
@@ -221,7 +241,12 @@ def test_lora_adapter_is_merged_at_load_and_changes_output(model, embedded_dir, 
     adapted = get_peft_model(base, config)
     adapted.save_pretrained(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_config.json").write_text(
-        json.dumps({**json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()), "base_model_name_or_path": str(embedded_dir)})
+        json.dumps(
+            {
+                **json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()),
+                "base_model_name_or_path": str(embedded_dir),
+            }
+        )
     )
     AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(tmp_path / "adapter")
     with_adapter = ChatModel.load(tmp_path / "adapter")
@@ -243,6 +268,7 @@ def fp32_model(embedded_dir):
 
 def staggered(engine, model, requests) -> list:
     """Requests arriving while earlier ones are mid-generation, each with its own length limit."""
+
     def one(i: int):
         time.sleep(0.15 * i)
         return ask(engine, model, requests[i])[0]
@@ -254,8 +280,10 @@ def staggered(engine, model, requests) -> list:
 @pytest.mark.model
 def test_continuous_batching_gives_each_request_its_own_answer(fp32_model):
     """Requests joining a running batch get exactly what they would alone (fp32 on a CPU: batch-invariant)."""
-    requests = [parse_request(body([{"role": "user", "content": q}], temperature=0, max_new_tokens=3 + 5 * (i % 3)))
-                for i, q in enumerate(QUESTIONS)]
+    requests = [
+        parse_request(body([{"role": "user", "content": q}], temperature=0, max_new_tokens=3 + 5 * (i % 3)))
+        for i, q in enumerate(QUESTIONS)
+    ]
     single = LoopEngine(fp32_model, max_batch=1)
     alone = [ask(single, fp32_model, request)[0] for request in requests]
     assert {answer.batch_size for answer in alone} == {1}
@@ -286,7 +314,9 @@ def test_abandoned_requests_stop_generating(fp32_model):
     """A request nobody waits for (past its deadline) leaves the batch at the next step; others go on."""
     from phi3serve.continuous import ContinuousEngine
 
-    long = parse_request(body([{"role": "user", "content": "Write a very long essay about rivers."}], temperature=0, max_new_tokens=4000))
+    long = parse_request(
+        body([{"role": "user", "content": "Write a very long essay about rivers."}], temperature=0, max_new_tokens=4000)
+    )
     for engine in (LoopEngine(fp32_model), ContinuousEngine(fp32_model, 4, 8, LoopEngine(fp32_model), warmup=False)):
         ids, _ = fp32_model.encode(long.messages, 4000)
         job = Job(ids, long.params, deadline=time.monotonic() + 1.0)
@@ -344,8 +374,10 @@ def test_each_row_samples_like_the_transformers_processors():
     torch.manual_seed(0)
     scores, sequences = torch.randn(3, 50), torch.randint(0, 50, (3, 7))
     settings = torch.tensor([[0.7, 1.0, 1.3, 1.0], [1.0, 1.0, 1.0, 1.0], [0.5, 1.0, 0.8, 1.0]])  # all greedy
-    expected = [RepetitionPenaltyLogitsProcessor(p)(sequences[i:i + 1], scores[i:i + 1].clone()).argmax(-1).item()
-                for i, p in enumerate((1.3, 1.0, 0.8))]
+    expected = [
+        RepetitionPenaltyLogitsProcessor(p)(sequences[i : i + 1], scores[i : i + 1].clone()).argmax(-1).item()
+        for i, p in enumerate((1.3, 1.0, 0.8))
+    ]
     assert pick(scores.clone(), sequences, settings).tolist() == expected
     # sampling rows draw only from their own nucleus
     nucleus = TopPLogitsWarper(0.3)(None, TemperatureLogitsWarper(0.9)(None, scores[:1].clone())) > -float("inf")
@@ -359,8 +391,14 @@ def test_requests_with_different_settings_share_a_batch_and_a_long_one_holds_no_
     """Sampling, penalised and greedy requests decode together; a short greedy request arriving while two long
     sampled ones run is answered (exactly as alone) before they end."""
     engine = LoopEngine(fp32_model, max_batch=8)
-    long = parse_request(body([{"role": "user", "content": "Write a long story about rivers."}], temperature=1.5,
-                              repetition_penalty=1.2, max_new_tokens=400))
+    long = parse_request(
+        body(
+            [{"role": "user", "content": "Write a long story about rivers."}],
+            temperature=1.5,
+            repetition_penalty=1.2,
+            max_new_tokens=400,
+        )
+    )
     short = parse_request(body([{"role": "user", "content": QUESTIONS[0]}], temperature=0, max_new_tokens=10))
     alone = ask(LoopEngine(fp32_model, max_batch=1), fp32_model, short)[0].text
     jobs = [Job(fp32_model.encode(long.messages, 400)[0], long.params) for _ in range(2)]
@@ -413,8 +451,10 @@ def test_streamed_deltas_add_up_to_the_json_answer(served, model):
     parsed = [(e.split("\n")[0].removeprefix("event: "), json.loads(e.split("\n")[1].removeprefix("data: "))) for e in events]
     deltas = [data["text"] for name, data in parsed if name == DELTA_EVENT]
     assert len(deltas) > 3 and "".join(deltas) == payload["output"]
-    assert parsed[-1] == (DONE_EVENT, {"output": payload["output"], "truncated_turns": 0, "batch_size": 1,
-                                       "tokens": parsed[-1][1]["tokens"]})
+    assert parsed[-1] == (
+        DONE_EVENT,
+        {"output": payload["output"], "truncated_turns": 0, "batch_size": 1, "tokens": parsed[-1][1]["tokens"]},
+    )
 
 
 @pytest.mark.model
@@ -425,7 +465,7 @@ def test_an_answer_cut_inside_a_character_ends_before_it(served, model):
 
     turns = [{"role": "user", "content": "Reply with only an emoji."}]
     ids, _ = model.encode(turns, 2)
-    cut = model.tokenizer.decode(model.model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)[0, len(ids):])
+    cut = model.tokenizer.decode(model.model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)[0, len(ids) :])
     assert cut.endswith("\ufffd")  # the case exists: the raw decode of these two tokens is half a character
     for max_new_tokens in (1, 2, 4):
         payload, status, _ = ask_score(turns, max_new_tokens=max_new_tokens)

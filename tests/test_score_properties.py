@@ -20,10 +20,14 @@ json_values = st.recursive(
 )
 roles = st.sampled_from(["system", "user", "assistant"]) | json_values
 turns = st.fixed_dictionaries({"role": roles, "content": st.text(max_size=200) | json_values})
-parameters = st.dictionaries(st.sampled_from([*PARAMS, "beams", ""]), json_values | st.floats(-10, 10) | st.integers(-5, 5000), max_size=4)
+parameters = st.dictionaries(
+    st.sampled_from([*PARAMS, "beams", ""]), json_values | st.floats(-10, 10) | st.integers(-5, 5000), max_size=4
+)
 near_valid = st.builds(
     lambda t, p, wrap: {"input_data": {"input_string": t, "parameters": p}} if wrap else {"input_string": t},
-    st.lists(turns, max_size=5), parameters, st.booleans(),
+    st.lists(turns, max_size=5),
+    parameters,
+    st.booleans(),
 )
 bodies = st.one_of(
     st.binary(max_size=200),
@@ -54,11 +58,20 @@ def live_model(embedded_dir):
         yield model
 
 
-short_params = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 3)},
-                                     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "do_sample": st.booleans(),
-                                               "repetition_penalty": st.floats(0.01, 10)})
-conversations = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=300)}),
-                         min_size=1, max_size=6).map(lambda t: t + [{"role": "user", "content": "Hi"}])
+short_params = st.fixed_dictionaries(
+    {"max_new_tokens": st.integers(1, 3)},
+    optional={
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "do_sample": st.booleans(),
+        "repetition_penalty": st.floats(0.01, 10),
+    },
+)
+conversations = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=300)}),
+    min_size=1,
+    max_size=6,
+).map(lambda t: t + [{"role": "user", "content": "Hi"}])
 
 
 @pytest.mark.model

@@ -18,23 +18,39 @@ def test_defaults_without_environment():
 
 
 def test_values_are_read_and_converted():
-    settings = Settings.from_env({"PHI3FLOW_MAX_BATCH": "64", "PHI3FLOW_ENGINE": "loop", "PHI3FLOW_MAX_CONTEXT": "4096",
-                                  "PHI3FLOW_ENDPOINT_KEY": "k", "PHI3FLOW_DEVICE": "cuda"})
-    assert (settings.max_batch, settings.engine, settings.max_context, settings.key, settings.device) == (64, "loop", 4096, "k", "cuda")
+    settings = Settings.from_env(
+        {
+            "PHI3FLOW_MAX_BATCH": "64",
+            "PHI3FLOW_ENGINE": "loop",
+            "PHI3FLOW_MAX_CONTEXT": "4096",
+            "PHI3FLOW_ENDPOINT_KEY": "k",
+            "PHI3FLOW_DEVICE": "cuda",
+        }
+    )
+    assert (settings.max_batch, settings.engine, settings.max_context, settings.key, settings.device) == (
+        64,
+        "loop",
+        4096,
+        "k",
+        "cuda",
+    )
 
 
-@pytest.mark.parametrize(("name", "value", "says"), [
-    ("PHI3FLOW_MAX_BATCH", "0", "whole number >= 1"),
-    ("PHI3FLOW_REQUEST_TIMEOUT_S", "1.5", "whole number >= 1"),
-    ("PHI3FLOW_ENGINE", "vllm", "one of auto, loop, continuous"),
-    ("PHI3FLOW_DEVICE", "tpu", "one of auto, cpu, cuda"),
-    ("PHI3FLOW_DTYPE", "fp8", "one of auto, float32"),
-    ("PHI3FLOW_ENDPOINT_KEY", " key ", "surrounding whitespace"),
-    ("PHI3FLOW_DRAIN_S", "-1", "seconds from 0 to 3600"),
-    ("PHI3FLOW_DRAIN_S", "nan", "seconds from 0 to 3600"),
-    ("PHI3FLOW_DRAIN_S", "soon", "seconds from 0 to 3600"),
-    ("PHI3FLOW_DRAIN_S", "99999", "seconds from 0 to 3600"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("PHI3FLOW_MAX_BATCH", "0", "whole number >= 1"),
+        ("PHI3FLOW_REQUEST_TIMEOUT_S", "1.5", "whole number >= 1"),
+        ("PHI3FLOW_ENGINE", "vllm", "one of auto, loop, continuous"),
+        ("PHI3FLOW_DEVICE", "tpu", "one of auto, cpu, cuda"),
+        ("PHI3FLOW_DTYPE", "fp8", "one of auto, float32"),
+        ("PHI3FLOW_ENDPOINT_KEY", " key ", "surrounding whitespace"),
+        ("PHI3FLOW_DRAIN_S", "-1", "seconds from 0 to 3600"),
+        ("PHI3FLOW_DRAIN_S", "nan", "seconds from 0 to 3600"),
+        ("PHI3FLOW_DRAIN_S", "soon", "seconds from 0 to 3600"),
+        ("PHI3FLOW_DRAIN_S", "99999", "seconds from 0 to 3600"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_variable(name, value, says):
     with pytest.raises(RuntimeError, match=re.escape(name)) as raised:
         Settings.from_env({name: value})
@@ -43,14 +59,17 @@ def test_a_bad_value_is_one_line_naming_the_variable(name, value, says):
 
 def test_the_documented_table_lists_every_setting_and_no_other():
     page = (REPO / "docs" / "serving.md").read_text()
-    table = page[page.index("## Settings"):]
+    table = page[page.index("## Settings") :]
     documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", table, flags=re.M))
     assert documented == set(ENV.values())
 
 
 def test_nothing_else_in_the_serving_package_reads_the_environment():
-    readers = [path.relative_to(REPO) for path in (REPO / "deploy").rglob("*.py")
-               if re.search(r"os\.environ|getenv", path.read_text()) and path.name != "settings.py"]
+    readers = [
+        path.relative_to(REPO)
+        for path in (REPO / "deploy").rglob("*.py")
+        if re.search(r"os\.environ|getenv", path.read_text()) and path.name != "settings.py"
+    ]
     assert readers == []
 
 

@@ -58,18 +58,25 @@ def failure(endpoint, **options) -> tuple[list[str], EndpointError]:
 
 # --- the parser (https://html.spec.whatwg.org/#event-stream-interpretation) ---
 
+
 def parse(*chunks: bytes | str) -> list[ServerSentEvent]:
     return list(parse_sse(c.encode() if isinstance(c, str) else c for c in chunks))
 
 
 def test_parser_follows_the_event_stream_rules():
-    text = (": a comment\n"
-            "event: delta\ndata: one\ndata:two\ndata\n\n"  # multi-line data, no space after the colon, a bare field name
-            "id: 7\nretry: 100\nevent: lonely\n\n"  # no data: not dispatched
-            "data: {\"a\": 1}\r\n\r\n"  # CRLF, default type
-            "event: done\rdata: x\r\r"  # CR line ends
-            "event: cut\ndata: never dispatched\n")  # unfinished at the end of the stream
-    assert parse(text) == [ServerSentEvent("delta", "one\ntwo\n"), ServerSentEvent("message", '{"a": 1}'), ServerSentEvent("done", "x")]
+    text = (
+        ": a comment\n"
+        "event: delta\ndata: one\ndata:two\ndata\n\n"  # multi-line data, no space after the colon, a bare field name
+        "id: 7\nretry: 100\nevent: lonely\n\n"  # no data: not dispatched
+        'data: {"a": 1}\r\n\r\n'  # CRLF, default type
+        "event: done\rdata: x\r\r"  # CR line ends
+        "event: cut\ndata: never dispatched\n"
+    )  # unfinished at the end of the stream
+    assert parse(text) == [
+        ServerSentEvent("delta", "one\ntwo\n"),
+        ServerSentEvent("message", '{"a": 1}'),
+        ServerSentEvent("done", "x"),
+    ]
 
 
 def test_parser_strips_one_bom_and_one_space():
@@ -79,17 +86,19 @@ def test_parser_strips_one_bom_and_one_space():
 @given(st.lists(st.integers(min_value=1, max_value=40), max_size=30))
 def test_parser_gives_the_same_events_however_the_bytes_are_split(cuts):
     """Chunks may end between CR and LF, inside a field name or inside a multi-byte character."""
-    data = ("event: delta\r\ndata: {\"text\": \"Grüße, 世界 🌍\"}\r\n\r\n: keep-alive\r\r"
-            "event: done\rdata: a\rdata: b\r\r").encode()
+    data = ('event: delta\r\ndata: {"text": "Grüße, 世界 🌍"}\r\n\r\n: keep-alive\r\revent: done\rdata: a\rdata: b\r\r').encode()
     chunks, start = [], 0
     for size in cuts:
-        chunks.append(data[start:start + size])
+        chunks.append(data[start : start + size])
         start += size
     chunks.append(data[start:])
-    assert parse(*chunks) == parse(data) == [ServerSentEvent("delta", '{"text": "Grüße, 世界 🌍"}'), ServerSentEvent("done", "a\nb")]
+    assert (
+        parse(*chunks) == parse(data) == [ServerSentEvent("delta", '{"text": "Grüße, 世界 🌍"}'), ServerSentEvent("done", "a\nb")]
+    )
 
 
 # --- the client against a scripted server ---
+
 
 def test_pieces_arrive_as_the_server_sends_them(endpoint):
     endpoint.script = [Reply(body=streamed("Bill", " Gates", " and Paul Allen."), headers=SSE, gap=0.3)]
@@ -113,14 +122,20 @@ def test_a_server_that_does_not_stream_gives_the_whole_answer_once(endpoint):
 
 def test_final_event_completes_what_the_deltas_left_out(endpoint):
     done_only = [event("done", output="Whole answer.", truncated_turns=0, batch_size=1, tokens=3)]
-    endpoint.script = [Reply(body=done_only, headers=SSE),
-                       Reply(body=[event("delta", text="Whole"), event("done", output="Whole answer.")], headers=SSE)]
+    endpoint.script = [
+        Reply(body=done_only, headers=SSE),
+        Reply(body=[event("delta", text="Whole"), event("done", output="Whole answer.")], headers=SSE),
+    ]
     assert list(client(endpoint).chat_stream(USER)) == ["Whole answer."]
     assert list(client(endpoint).chat_stream(USER)) == ["Whole", " answer."]
 
 
 def test_busy_server_is_retried_before_the_stream_starts(endpoint):
-    endpoint.script = [Reply(503, {"message": "queue full"}, {"Retry-After": "0"}), Reply(429), Reply(body=streamed("ok"), headers=SSE)]
+    endpoint.script = [
+        Reply(503, {"message": "queue full"}, {"Retry-After": "0"}),
+        Reply(429),
+        Reply(body=streamed("ok"), headers=SSE),
+    ]
     assert list(client(endpoint).chat_stream(USER)) == ["ok"]
     assert len(endpoint.requests) == 3
 
@@ -143,7 +158,7 @@ def test_error_event_mid_stream_is_raised_with_its_status(endpoint):
     assert len(endpoint.requests) == 1  # never retried once pieces were given out
 
 
-@pytest.mark.parametrize("tail", ["", "event: delta\ndata: {\"text\": \"half"])
+@pytest.mark.parametrize("tail", ["", 'event: delta\ndata: {"text": "half'])
 def test_stream_cut_before_its_final_event_is_an_error(endpoint, tail):
     endpoint.script = [Reply(body=[*streamed("Bill", " Gates", done=False), tail], headers=SSE)]
     pieces, error = failure(endpoint)
@@ -168,11 +183,14 @@ def test_silent_server_mid_stream_times_out_with_an_error(endpoint):
     assert len(endpoint.requests) == 1
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ([event("delta", nope=1)], "'delta' event without a string \"text\" field"),
-    (["event: delta\ndata: not json\n\n"], "'delta' event without a string \"text\" field"),
-    ([event("delta", text="Bill"), event("done", output="Steve")], "not the start of its final answer"),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ([event("delta", nope=1)], "'delta' event without a string \"text\" field"),
+        (["event: delta\ndata: not json\n\n"], "'delta' event without a string \"text\" field"),
+        ([event("delta", text="Bill"), event("done", output="Steve")], "not the start of its final answer"),
+    ],
+)
 def test_streams_off_the_contract_are_explained(endpoint, body, expected):
     endpoint.script = [Reply(body=body, headers=SSE)]
     _, error = failure(endpoint)
@@ -191,6 +209,7 @@ def test_closing_the_stream_early_drops_the_connection(endpoint):
 
 
 # --- the Prompt Flow tool ---
+
 
 def test_tool_streams_only_when_asked(endpoint):
     connection = CustomConnection(configs={"endpoint": endpoint.url}, secrets={"key": SECRET})
@@ -232,8 +251,12 @@ def test_streamed_answer_equals_the_json_answer_when_greedy(real, question):
 
 def batch_size(served) -> int:
     """The most sequences the server decoded together while answering one short request."""
-    response = requests.post(served.url, json={"input_data": {"input_string": USER, "parameters": {"temperature": 0, "max_new_tokens": 4}}},
-                             headers={"Authorization": f"Bearer {served.key}"}, timeout=120)
+    response = requests.post(
+        served.url,
+        json={"input_data": {"input_string": USER, "parameters": {"temperature": 0, "max_new_tokens": 4}}},
+        headers={"Authorization": f"Bearer {served.key}"},
+        timeout=120,
+    )
     assert response.status_code == 200, response.text
     return int(response.headers[BATCH_SIZE_HEADER])
 
@@ -292,7 +315,9 @@ def test_connection_lost_mid_stream_on_the_real_server_is_an_error(served):
     try:
         pieces = []
         with pytest.raises(EndpointError) as info:
-            for piece in EndpointClient(proxy.url, served.key, retries=0, read_timeout=60).chat_stream(LONG, temperature=0.0, max_new_tokens=200):
+            for piece in EndpointClient(proxy.url, served.key, retries=0, read_timeout=60).chat_stream(
+                LONG, temperature=0.0, max_new_tokens=200
+            ):
                 pieces.append(piece)
     finally:
         proxy.close()
@@ -302,6 +327,7 @@ def test_connection_lost_mid_stream_on_the_real_server_is_an_error(served):
 
 
 # --- the chat flow with stream on: `pf flow test`, and `pf flow serve` as the chat UI and Foundry call it ---
+
 
 @pytest.fixture(scope="module")
 def connection(served):
@@ -319,7 +345,9 @@ def flow_answer(real: EndpointClient, question: str) -> str:
 def test_pf_flow_test_with_stream_on_gives_the_whole_answer(connection, real):
     result = pf("flow", "test", "--flow", "flows/chat", "--inputs", "input_data=Who founded Microsoft?", "stream=true")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((REPO / "flows/chat/.promptflow/flow.output.json").read_text())["answer"] == flow_answer(real, "Who founded Microsoft?")
+    assert json.loads((REPO / "flows/chat/.promptflow/flow.output.json").read_text())["answer"] == flow_answer(
+        real, "Who founded Microsoft?"
+    )
 
 
 @pytest.mark.e2e
@@ -330,8 +358,24 @@ def test_served_chat_flow_streams_pieces_to_the_chat_ui(connection, real, tmp_pa
     shutil.copytree(REPO / "flows/chat", flow, ignore=shutil.ignore_patterns(".promptflow", "__pycache__", "*.whl"))
     port = free_port()
     with (tmp_path / "serve.log").open("w") as log:
-        process = subprocess.Popen([pf_executable(), "flow", "serve", "--source", str(flow), "--host", "127.0.0.1", "--port", str(port),
-                                    "--skip-open-browser"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                pf_executable(),
+                "flow",
+                "serve",
+                "--source",
+                str(flow),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--skip-open-browser",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -339,8 +383,13 @@ def test_served_chat_flow_streams_pieces_to_the_chat_ui(connection, real, tmp_pa
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
         question = "What is the capital of France?"
-        with requests.post(f"{url}/score", json={"input_data": question, "stream": True}, headers={"Accept": STREAM_MEDIA_TYPE},
-                           stream=True, timeout=300) as response:
+        with requests.post(
+            f"{url}/score",
+            json={"input_data": question, "stream": True},
+            headers={"Accept": STREAM_MEDIA_TYPE},
+            stream=True,
+            timeout=300,
+        ) as response:
             assert response.status_code == 200 and response.headers["Content-Type"].startswith(STREAM_MEDIA_TYPE)
             pieces = [json.loads(event.data)["answer"] for event in parse_sse(response.iter_content(chunk_size=None))]
         assert len(pieces) > 1

@@ -58,16 +58,27 @@ class ContinuousEngine(Bounded):
         self.vocab = int(model.model.config.vocab_size)
         # Non-neutral defaults make transformers build the temperature/top-k/top-p processors; every request
         # then passes its own values.
-        generation = GenerationConfig(do_sample=True, temperature=DEFAULTS.temperature, top_k=self.vocab, top_p=0.99,
-                                      max_new_tokens=DEFAULTS.max_new_tokens, eos_token_id=model.stop_ids,
-                                      pad_token_id=model.pad_id)
+        generation = GenerationConfig(
+            do_sample=True,
+            temperature=DEFAULTS.temperature,
+            top_k=self.vocab,
+            top_p=0.99,
+            max_new_tokens=DEFAULTS.max_new_tokens,
+            eos_token_id=model.stop_ids,
+            pad_token_id=model.pad_id,
+        )
         cuda = model.device.type == "cuda"
         # Measured on an H200 (bench/gpu.py): async double-buffering was 2-3.5x slower with SDPA's masks, and
         # compiling the paths (default_compile_level 1) failed in torch 2.11's inductor; CUDA graphs alone win.
         # On a GPU the paged cache takes the library's share of free memory; on a CPU (tests, PHI3FLOW_ENGINE=continuous)
         # its default share of free RAM (60%) per engine would exhaust the machine: a tenth is plenty there.
-        config = ContinuousBatchingConfig(per_request_processors=True, use_cuda_graph=cuda, use_async_batching=False,
-                                          max_requests_per_batch=max_batch, max_memory_percent=None if cuda else 0.1)
+        config = ContinuousBatchingConfig(
+            per_request_processors=True,
+            use_cuda_graph=cuda,
+            use_async_batching=False,
+            max_requests_per_batch=max_batch,
+            max_memory_percent=None if cuda else 0.1,
+        )
         take_turns(model.model)
         self.manager = model.model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         if warmup:
@@ -88,8 +99,9 @@ class ContinuousEngine(Bounded):
         self.fallback.close()
 
     def submit(self, job: Job) -> None:
-        if job.params.repetition_penalty != 1.0 or (self.switch is not None and
-                                                    len(job.ids) + job.params.max_new_tokens > self.switch):
+        if job.params.repetition_penalty != 1.0 or (
+            self.switch is not None and len(job.ids) + job.params.max_new_tokens > self.switch
+        ):
             self.fallback.submit(job)
             return
         with self.lock:
@@ -101,10 +113,19 @@ class ContinuousEngine(Bounded):
             self.inflight[request_id] = job
             for other in self.inflight.values():
                 other.batch_size = max(other.batch_size, min(len(self.inflight), self.max_batch))
-        sampling = ({"temperature": 1.0, "top_k": 1, "top_p": 1.0} if job.params.greedy else
-                    {"temperature": job.params.temperature, "top_k": self.vocab, "top_p": job.params.top_p})
-        self.manager.add_request(job.ids, request_id=request_id, max_new_tokens=job.params.max_new_tokens,
-                                 eos_token_id=self.model.stop_ids, streaming=job.stream is not None, **sampling)
+        sampling = (
+            {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+            if job.params.greedy
+            else {"temperature": job.params.temperature, "top_k": self.vocab, "top_p": job.params.top_p}
+        )
+        self.manager.add_request(
+            job.ids,
+            request_id=request_id,
+            max_new_tokens=job.params.max_new_tokens,
+            eos_token_id=self.model.stop_ids,
+            streaming=job.stream is not None,
+            **sampling,
+        )
 
     def healthy(self) -> bool:
         return super().healthy() and self.manager.is_running() and self.fallback.healthy()
@@ -131,7 +152,7 @@ class ContinuousEngine(Bounded):
                 continue
             if job.stream is not None:  # cumulative tokens: pass on the new ones
                 tokens = [t for t in result.generated_tokens if t not in self.stop_ids]
-                for token in tokens[self.streamed.get(result.request_id, 0):]:
+                for token in tokens[self.streamed.get(result.request_id, 0) :]:
                     job.stream.put(token)
                 self.streamed[result.request_id] = len(tokens)
                 if result.is_finished():

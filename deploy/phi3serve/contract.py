@@ -216,7 +216,7 @@ def parse_request(body: bytes) -> ChatRequest:
     if raw is None:  # absent, or null
         raw = {}
     if not isinstance(raw, dict):
-        raise BadRequest("input_data.parameters must be an object, e.g. {\"temperature\": 0.7, \"max_new_tokens\": 128}")
+        raise BadRequest('input_data.parameters must be an object, e.g. {"temperature": 0.7, "max_new_tokens": 128}')
     unknown = sorted(set(raw) - set(PARAMS))
     if unknown:
         names = ", ".join(_show(name, 40) for name in unknown[:5])

@@ -64,8 +64,10 @@ class Refusal(Exception):
     def render(self, payload: dict) -> bytes:
         body = json.dumps(payload).encode()
         extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
-        return (f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n{extra}\r\n").encode() + body
+        return (
+            f"HTTP/1.1 {self.status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n{extra}\r\n"
+        ).encode() + body
 
     def answer_to(self, received: bytes) -> bytes:
         """The answer in the shape of the route asked for: OpenAI's error object on its /v1 routes."""
@@ -104,7 +106,7 @@ class ChunkedBody:
                 if len(buf) - self.at > MAX_CHUNK_LINE:
                     raise Refusal("400 Bad Request", "a chunk-size line or trailer field of the chunked body is too long")
                 return None
-            line = bytes(buf[self.at:line_end])
+            line = bytes(buf[self.at : line_end])
             if self.in_trailer:
                 self.at = line_end + 2
                 if not line:
@@ -112,8 +114,11 @@ class ChunkedBody:
                 continue
             digits = line.split(b";", 1)[0].rstrip(b" \t")
             if not digits or not HEX.issuperset(digits):
-                raise Refusal("400 Bad Request", f"invalid chunk size {digits[:20].decode('latin-1')!r} in the chunked body: "
-                                                 "each chunk starts with its size in hexadecimal")
+                raise Refusal(
+                    "400 Bad Request",
+                    f"invalid chunk size {digits[:20].decode('latin-1')!r} in the chunked body: "
+                    "each chunk starts with its size in hexadecimal",
+                )
             size = self.size + int(digits[:16], 16)
             if len(digits) > 16 or size > MAX_BODY_BYTES:
                 raise Refusal("413 Content Too Large", f"the chunked request body is over the {MAX_BODY_BYTES}-byte limit")
@@ -123,7 +128,7 @@ class ChunkedBody:
             data_end = line_end + 2 + size - self.size
             if len(buf) < data_end + 2:
                 return None
-            if buf[data_end:data_end + 2] != b"\r\n":
+            if buf[data_end : data_end + 2] != b"\r\n":
                 raise Refusal("400 Bad Request", "a chunk of the chunked body is longer than its size says")
             self.size, self.at = size, data_end + 2
 
@@ -278,7 +283,8 @@ class HeadFirstWorker(ThreadWorker):
         fields = _fields(bytes(received[first:end]))
         lengths, codings = fields.get(b"content-length", []), fields.get(b"transfer-encoding", [])
         if (codings or any(value != b"0" for value in lengths)) and not authorized(
-                self.key, (fields.get(b"authorization") or [None])[0], (fields.get(b"api-key") or [None])[0]):
+            self.key, (fields.get(b"authorization") or [None])[0], (fields.get(b"api-key") or [None])[0]
+        ):
             raise Refusal("401 Unauthorized", f"missing or wrong key: send {KEY_HEADERS}", {"WWW-Authenticate": "Bearer"})
         if codings and (lengths or b",".join(codings).lower() != b"chunked"):
             raise Refusal("400 Bad Request", "send the body with Content-Length or Transfer-Encoding: chunked (only)")
@@ -287,8 +293,8 @@ class HeadFirstWorker(ThreadWorker):
         if lengths and (len(lengths[0]) > 15 or int(lengths[0]) > MAX_BODY_BYTES):
             raise Refusal("413 Content Too Large", f"the request body is over the {MAX_BODY_BYTES}-byte limit")
         if b"expect" in fields:  # answered here: the client may send its body now (gunicorn must not answer it again)
-            head = EXPECT.sub(b"", bytes(received[:end + 2]))
-            received[:end + 2] = head
+            head = EXPECT.sub(b"", bytes(received[: end + 2]))
+            received[: end + 2] = head
             end = len(head) - 2
             try:
                 conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")

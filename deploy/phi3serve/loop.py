@@ -34,8 +34,19 @@ class DecodeState:
     """The sequences being generated together: KV cache, tokens so far, attention mask, positions, limits, and
     which rows' cache holds keys rotated with LongRoPE's long factors."""
 
-    def __init__(self, cache: Any, sequences: Any, mask: Any, positions: Any, tokens: Any, limits: Any, settings: Any,
-                 answers: list[list[int]], jobs: list[Job], long: Any):
+    def __init__(
+        self,
+        cache: Any,
+        sequences: Any,
+        mask: Any,
+        positions: Any,
+        tokens: Any,
+        limits: Any,
+        settings: Any,
+        answers: list[list[int]],
+        jobs: list[Job],
+        long: Any,
+    ):
         self.cache, self.sequences, self.mask, self.positions = cache, sequences, mask, positions
         self.tokens, self.limits, self.settings, self.answers, self.jobs = tokens, limits, settings, answers, jobs
         self.long = long
@@ -90,10 +101,16 @@ class DecodeState:
         for target, source in zip(running.cache.layers, joining.cache.layers):
             target.keys, target.values = torch.cat([target.keys, source.keys]), torch.cat([target.values, source.values])
         return DecodeState(
-            running.cache, torch.cat([running.sequences, joining.sequences]), torch.cat([running.mask, joining.mask]),
-            torch.cat([running.positions, joining.positions]), torch.cat([running.tokens, joining.tokens]),
-            torch.cat([running.limits, joining.limits]), torch.cat([running.settings, joining.settings]),
-            running.answers + joining.answers, running.jobs + joining.jobs, torch.cat([running.long, joining.long]),
+            running.cache,
+            torch.cat([running.sequences, joining.sequences]),
+            torch.cat([running.mask, joining.mask]),
+            torch.cat([running.positions, joining.positions]),
+            torch.cat([running.tokens, joining.tokens]),
+            torch.cat([running.limits, joining.limits]),
+            torch.cat([running.settings, joining.settings]),
+            running.answers + joining.answers,
+            running.jobs + joining.jobs,
+            torch.cat([running.long, joining.long]),
         )
 
 
@@ -122,8 +139,13 @@ class Prefill:
     def advance(self, decoder: Decoder, columns: int) -> DecodeState | None:
         """Run the next `columns` columns; the decode state once the histories are all in (else None)."""
         end = min(self.done + columns, self.width)
-        logits = decoder.forward(self.long, input_ids=self.sequences[:, self.done:end], attention_mask=self.mask[:, :end],
-                                 position_ids=self.positions[:, self.done:end], cache=self.cache)
+        logits = decoder.forward(
+            self.long,
+            input_ids=self.sequences[:, self.done : end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions[:, self.done : end],
+            cache=self.cache,
+        )
         self.done = end
         if end < self.width:
             return None
@@ -131,8 +153,18 @@ class Prefill:
         settings = row_settings(self.jobs, device)
         tokens = pick(logits, self.sequences, settings)
         limits = torch.tensor([job.params.max_new_tokens for job in self.jobs], device=device)
-        return DecodeState(self.cache, self.sequences, self.mask, self.positions[:, -1:], tokens, limits, settings,
-                           self.answers, self.jobs, self.long)
+        return DecodeState(
+            self.cache,
+            self.sequences,
+            self.mask,
+            self.positions[:, -1:],
+            tokens,
+            limits,
+            settings,
+            self.answers,
+            self.jobs,
+            self.long,
+        )
 
 
 def release_memory() -> None:
@@ -172,8 +204,9 @@ class Decoder:
         with self.rotary.rows(long):
             return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
 
-    def decode(self, first: list[Job], admit: Callable[[int, bool], list[Job]] = lambda free, decoding: [],
-               max_rows: int = 16) -> Iterator[tuple[Job, list[int]]]:
+    def decode(
+        self, first: list[Job], admit: Callable[[int, bool], list[Job]] = lambda free, decoding: [], max_rows: int = 16
+    ) -> Iterator[tuple[Job, list[int]]]:
         """Yields (job, generated tokens) as each sequence ends; between steps `admit(free_slots, decoding)` hands in
         joiners (`decoding`: rows are being decoded, whom a joiner's prefill would stall)."""
         with torch.inference_mode():
@@ -228,8 +261,13 @@ class Decoder:
         if running is not None:
             step_input = running.tokens[:, None]
             running.extend(step_input)
-            logits = self.forward(running.long, input_ids=step_input, attention_mask=running.mask,
-                                  position_ids=running.positions, cache=running.cache)
+            logits = self.forward(
+                running.long,
+                input_ids=step_input,
+                attention_mask=running.mask,
+                position_ids=running.positions,
+                cache=running.cache,
+            )
             running.tokens = pick(logits, running.sequences, running.settings)
         merged = self._merge(running, crossed)
         return (yield from self._advance(merged)) if merged is not None else None
@@ -327,12 +365,21 @@ class LoopEngine(Bounded):
 
         try:
             for job, tokens in self.decoder.decode(list(batch), admit, self.max_batch):
-                job.resolve(Expired(f"generation stopped after {len(tokens)} tokens: past the server's deadline "
-                                    f"(PHI3FLOW_REQUEST_TIMEOUT_S) or the client left")
-                            if job.expired() else Answer(self.model.text(tokens), len(tokens), job.batch_size))
+                job.resolve(
+                    Expired(
+                        f"generation stopped after {len(tokens)} tokens: past the server's deadline "
+                        f"(PHI3FLOW_REQUEST_TIMEOUT_S) or the client left"
+                    )
+                    if job.expired()
+                    else Answer(self.model.text(tokens), len(tokens), job.batch_size)
+                )
         except Exception as exc:  # noqa: BLE001 - handed to every job of this batch; the worker keeps serving
             log.exception("Generation failed")
-            error = exc if isinstance(exc, ServingError) else GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+            error = (
+                exc
+                if isinstance(exc, ServingError)
+                else GenerationFailed(f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+            )
             for job in batch:
                 job.resolve(error)
             if torch.cuda.is_available():

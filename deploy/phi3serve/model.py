@@ -31,8 +31,10 @@ def find_model_folder(root: Path) -> Path:
     for folder in candidates:
         if any((folder / marker).is_file() for marker in markers):
             return folder
-    raise FileNotFoundError(f"No model found under {root}: expected a Hugging Face folder (config.json), a LoRA adapter "
-                            f"(adapter_config.json) or an ONNX Runtime GenAI folder ({ONNX_CONFIG})")
+    raise FileNotFoundError(
+        f"No model found under {root}: expected a Hugging Face folder (config.json), a LoRA adapter "
+        f"(adapter_config.json) or an ONNX Runtime GenAI folder ({ONNX_CONFIG})"
+    )
 
 
 def choose_dtype(cuda: bool, name: str = "auto") -> torch.dtype:
@@ -60,9 +62,10 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     """The first special token the chat template writes after an assistant message (else EOS; None without either)."""
     if not tokenizer.chat_template:
         return tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
-                                         tokenize=False)
-    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+    )
+    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL) :]
     special = special_token_ids(tokenizer)
     for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
         if token_id in special:
@@ -85,7 +88,9 @@ def stop_ids(tokenizer: Any, recorded: str | None, eos: int | list[int] | None =
     return stop
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> tuple[str, list[int], list[tuple[int, int]]]:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool
+) -> tuple[str, list[int], list[tuple[int, int]]]:
     """The chat template's text for `messages`, its token ids and each token's character span in that text.
 
     Only the template's own markers become control tokens: control-token text inside a message's content (a user
@@ -96,13 +101,19 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_promp
     """
     controls = sorted({tokenizer.convert_ids_to_tokens(i) for i in special_token_ids(tokenizer)}, key=len, reverse=True)
     found = re.compile("|".join(map(re.escape, controls)) or "(?!)")
-    marked = [{**message, "content": found.sub(lambda m: f"{_OPEN}{m.group()}{_CLOSE}",
-                                                message["content"].replace(_OPEN, "").replace(_CLOSE, ""))}
-              for message in messages]
+    marked = [
+        {
+            **message,
+            "content": found.sub(
+                lambda m: f"{_OPEN}{m.group()}{_CLOSE}", message["content"].replace(_OPEN, "").replace(_CLOSE, "")
+            ),
+        }
+        for message in messages
+    ]
     rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=generation_prompt)
     pieces, spans, length, at = [], [], 0, 0  # the text without markers; the spans of the marked control tokens in it
     for match in re.finditer(f"{_OPEN}({found.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]", rendered):  # a lone marker: dropped
-        kept = rendered[at:match.start()] + (match.group(1) or "")
+        kept = rendered[at : match.start()] + (match.group(1) or "")
         pieces.append(kept)
         if match.group(1):
             spans.append((length + len(kept) - len(match.group(1)), length + len(kept)))
@@ -160,7 +171,9 @@ class ChatModel:
         base: str | Path = folder
         if adapter is not None:
             base = settings.base_model or metadata.get("base_model_name_or_path") or adapter["base_model_name_or_path"]
-        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=choose_dtype(cuda, settings.dtype), attn_implementation="sdpa")
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            base, dtype=choose_dtype(cuda, settings.dtype), attn_implementation="sdpa"
+        )
         if adapter is not None:
             from peft import PeftModel
 
@@ -182,7 +195,7 @@ class ChatModel:
         if budget <= 0:
             raise BadRequest(f"parameters.max_new_tokens must be below the context this server accepts, {self.context} tokens")
         system = messages[:1] if messages[0]["role"] == "system" else []
-        turns = messages[len(system):]
+        turns = messages[len(system) :]
         starts = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
         cache: dict[int, list[int]] = {}
 
@@ -196,9 +209,11 @@ class ChatModel:
         first_fit = bisect_left(range(len(starts)), True, key=lambda k: len(ids_from(starts[k])) <= budget)
         if first_fit == len(starts):
             room = f"{budget} tokens (context {self.context} minus max_new_tokens {max_new_tokens})"
-            if system and len(self._render(turns[starts[-1]:])) <= budget:  # the last turn fits without the system prompt
-                raise BadRequest(f"the system prompt leaves no room for the last user turn within {room}; "
-                                 "shorten the system prompt or lower parameters.max_new_tokens")
+            if system and len(self._render(turns[starts[-1] :])) <= budget:  # the last turn fits without the system prompt
+                raise BadRequest(
+                    f"the system prompt leaves no room for the last user turn within {room}; "
+                    "shorten the system prompt or lower parameters.max_new_tokens"
+                )
             raise BadRequest(f"the last user turn needs more than {room}; shorten it or lower parameters.max_new_tokens")
         return ids_from(starts[first_fit]), starts[first_fit]
 
@@ -232,8 +247,10 @@ def use_cuda(device: str) -> bool:
     """Whether to generate on CUDA: where available (auto), never (cpu), or required (cuda: a GPU deployment whose
     driver or CUDA build does not match must fail at start-up, not serve on the CPU at a hundredth of the speed)."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{ENV['device']}=cuda but CUDA is not available to torch {torch.__version__} (built for CUDA "
-                           f"{torch.version.cuda or 'none: a CPU build'}); check the GPU driver and the image, or unset {ENV['device']}")
+        raise RuntimeError(
+            f"{ENV['device']}=cuda but CUDA is not available to torch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda or 'none: a CPU build'}); check the GPU driver and the image, or unset {ENV['device']}"
+        )
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 

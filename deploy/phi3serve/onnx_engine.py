@@ -43,8 +43,10 @@ def rope_switch(graph: Path) -> int | None:
     with graph.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         found = ROPE_SWITCH.search(data)
         if found is None and data.find(b"cos_cache_large") >= 0:
-            raise RuntimeError(f"{graph} switches LongRoPE factors by a rule this engine cannot read: re-export it "
-                               "with phi3flow export onnx (onnxruntime-genai 0.18's builder)")
+            raise RuntimeError(
+                f"{graph} switches LongRoPE factors by a rule this engine cannot read: re-export it "
+                "with phi3flow export onnx (onnxruntime-genai 0.18's builder)"
+            )
         return int(found[1]) if found else None
 
 
@@ -104,8 +106,9 @@ class OnnxEngine(Bounded):
     # prompts of other lengths, so its answer never depends on its neighbours.
     batch_invariant = True
 
-    def __init__(self, model: OnnxChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05,
-                 gap_s: float = 0.005):
+    def __init__(
+        self, model: OnnxChatModel, max_batch: int = 16, max_queue: int = 64, wait_s: float = 0.05, gap_s: float = 0.005
+    ):
         super().__init__(max_queue)
         self.model, self.max_batch, self.wait_s, self.gap_s = model, max_batch, wait_s, gap_s
         self.stop = torch.tensor(model.stop_ids)
@@ -193,11 +196,13 @@ class OnnxEngine(Bounded):
                 return generator, capacity
         capacity = max(length, min(length + KEEP_ROOM, self.model.context)) if len(jobs) == 1 else length
         params = og.GeneratorParams(self.og_model)
-        params.set_search_options(batch_size=len(jobs), max_length=capacity, do_sample=False,
-                                  repetition_penalty=1.0)  # the library appends what `pick` chose
+        params.set_search_options(
+            batch_size=len(jobs), max_length=capacity, do_sample=False, repetition_penalty=1.0
+        )  # the library appends what `pick` chose
         generator = og.Generator(self.og_model, params)
-        generator.append_tokens(np.asarray([job.ids + [self.model.pad_id] * (width - len(job.ids)) for job in jobs],
-                                           dtype=np.int32))
+        generator.append_tokens(
+            np.asarray([job.ids + [self.model.pad_id] * (width - len(job.ids)) for job in jobs], dtype=np.int32)
+        )
         return generator, capacity
 
     def _generate(self, jobs: list[Job]) -> None:
@@ -229,7 +234,9 @@ class OnnxEngine(Bounded):
                     if job.stream is not None:
                         job.stream.put(token)
                 if job.expired(now):
-                    job.resolve(Expired(f"generation stopped after {len(answers[i])} tokens: the deadline passed or the client left"))
+                    job.resolve(
+                        Expired(f"generation stopped after {len(answers[i])} tokens: the deadline passed or the client left")
+                    )
                 elif ended[i] or len(answers[i]) >= job.params.max_new_tokens:
                     job.resolve(Answer(self.model.text(answers[i]), len(answers[i]), job.batch_size))
                 else:

@@ -24,17 +24,30 @@ DONE_LINE = "data: [DONE]\n\n"
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 # OpenAI field -> contract parameter. `repetition_penalty` is an extension (vLLM takes it too); `do_sample` is not:
 # temperature 0 asks for greedy decoding.
-PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
-              "max_completion_tokens": "max_new_tokens", "repetition_penalty": "repetition_penalty"}
+PARAMETERS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "repetition_penalty": "repetition_penalty",
+}
 # Fields accepted only with the value that asks for nothing beyond one plain text answer.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logprobs": (False,), "tools": ([],),
-    "tool_choice": ("none",), "response_format": ({"type": "text"},), "store": (False,), "parallel_tool_calls": (True, False),
+    "n": (1,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logprobs": (False,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "parallel_tool_calls": (True, False),
 }
 ACCEPTED = {"messages", "model", "stream", "stream_options", "stop", "seed", "user", *PARAMETERS, *NEUTRAL}
 WHY_NOT = {
     "n": "the endpoint generates one choice per request; send n requests",
-    "tools": "the model cannot call tools", "tool_choice": "the model cannot call tools",
+    "tools": "the model cannot call tools",
+    "tool_choice": "the model cannot call tools",
     "logprobs": "the endpoint does not return log probabilities",
     "response_format": "the endpoint answers in plain text only (no JSON mode)",
     "presence_penalty": "use repetition_penalty (a multiplier, 1 = none) instead",
@@ -163,7 +176,9 @@ def parse(body: bytes) -> CompletionRequest:
         raise FieldError(f"{name} is not supported by this endpoint; it takes {', '.join(sorted(ACCEPTED))}", name)
     for name, allowed in NEUTRAL.items():
         if name in data and data[name] not in allowed:
-            raise BadRequest(f"{name} must be {' or '.join(json.dumps(v) for v in allowed)}: {WHY_NOT.get(name, 'not supported')}")
+            raise BadRequest(
+                f"{name} must be {' or '.join(json.dumps(v) for v in allowed)}: {WHY_NOT.get(name, 'not supported')}"
+            )
     turns = data.get("messages")
     if not isinstance(turns, list) or not turns:
         raise BadRequest('messages must be a non-empty list of {"role": ..., "content": ...} messages')
@@ -177,19 +192,30 @@ def parse(body: bytes) -> CompletionRequest:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise BadRequest("seed must be an integer")
         if params.temperature >= GREEDY_BELOW:
-            raise BadRequest("seed is honoured only with temperature 0 (greedy answers are repeatable); requests sampled "
-                             "together in one batch share one random stream, so a seed cannot fix a sampled answer")
+            raise BadRequest(
+                "seed is honoured only with temperature 0 (greedy answers are repeatable); requests sampled "
+                "together in one batch share one random stream, so a seed cannot fix a sampled answer"
+            )
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false")
     options = data.get("stream_options", {})
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+    if (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
         raise BadRequest('stream_options must be {"include_usage": true|false}')
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string")
-    return CompletionRequest(ChatRequest(check_turns([_turn(t, i) for i, t in enumerate(turns)], "messages"), params), model,
-                             _stops(data.get("stop")), stream, bool(options.get("include_usage")))
+    return CompletionRequest(
+        ChatRequest(check_turns([_turn(t, i) for i, t in enumerate(turns)], "messages"), params),
+        model,
+        _stops(data.get("stop")),
+        stream,
+        bool(options.get("include_usage")),
+    )
 
 
 def _turn(turn: Any, i: int) -> Any:
@@ -202,7 +228,7 @@ def _turn(turn: Any, i: int) -> Any:
     if isinstance(content, list):
         texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content]
         if not all(isinstance(text, str) for text in texts):
-            raise BadRequest(f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
+            raise BadRequest(f'messages[{i}].content: only text parts ({{"type": "text", "text": ...}}) are supported')
         content = "".join(str(text) for text in texts)
     return {"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role, "content": content}
 
@@ -219,7 +245,7 @@ def _stops(stop: Any) -> tuple[str, ...]:
 def cut(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text up to the first stop sequence (which is left out), and whether one was found."""
     ends = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(ends)], True) if ends else (text, False)
+    return (text[: min(ends)], True) if ends else (text, False)
 
 
 class StopScanner:
@@ -236,12 +262,12 @@ class StopScanner:
         self.text += piece
         text, self.hit = cut(self.text, self.stops)
         end = len(text) if self.hit else max(self.sent, len(text) - self.hold)
-        out, self.sent = text[self.sent:end], end
+        out, self.sent = text[self.sent : end], end
         return out
 
     def flush(self) -> str:
         """The held-back rest, once the answer is complete."""
-        out = "" if self.hit else self.text[self.sent:]
+        out = "" if self.hit else self.text[self.sent :]
         self.sent = len(self.text)
         return out
 
@@ -259,11 +285,14 @@ def completion(request: CompletionRequest, model: str, text: str, prompt_tokens:
     """A `chat.completion` for one generated answer (cut at the first stop sequence)."""
     text, stopped = cut(text, request.stop)
     choice = Choice(0, ChatMessage("assistant", text), finish_reason(tokens, request.chat.params.max_new_tokens, stopped))
-    return asdict(ChatCompletion(completion_id(), request.model or model, [choice], Usage(prompt_tokens, tokens, prompt_tokens + tokens)))
+    return asdict(
+        ChatCompletion(completion_id(), request.model or model, [choice], Usage(prompt_tokens, tokens, prompt_tokens + tokens))
+    )
 
 
-def chunk(cid: str, model: str, created: int, delta: Delta | None = None, finish: str | None = None,
-          usage: Usage | None = None) -> str:
+def chunk(
+    cid: str, model: str, created: int, delta: Delta | None = None, finish: str | None = None, usage: Usage | None = None
+) -> str:
     """One `chat.completion.chunk` as a server-sent event; a usage chunk has no choices."""
     choices = [] if usage is not None else [StreamChoice(0, delta or Delta(), finish)]
     payload = asdict(ChatCompletionChunk(cid, model, created, choices, usage))
@@ -296,9 +325,7 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
     if param is None and match and status == 400 and match.group(1).split("[")[0].split(".")[0] in ACCEPTED:
         param = match.group(1)
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     code = {401: "invalid_api_key", 413: "request_too_large", 503: "server_busy", 504: "timeout"}.get(status)
     return {"error": asdict(ErrorInfo(message, kind, param, code))}
-
-
-

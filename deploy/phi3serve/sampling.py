@@ -12,8 +12,10 @@ from phi3serve.engine import Job
 
 def row_settings(jobs: list[Job], device: Any) -> Any:
     """Each row's sampling settings as one [rows, 4] tensor: temperature, top-p, repetition penalty, greedy."""
-    return torch.tensor([[job.params.temperature, job.params.top_p, job.params.repetition_penalty, float(job.params.greedy)]
-                         for job in jobs], device=device)
+    return torch.tensor(
+        [[job.params.temperature, job.params.top_p, job.params.repetition_penalty, float(job.params.greedy)] for job in jobs],
+        device=device,
+    )
 
 
 def pick(scores: Any, sequences: Any, settings: Any) -> Any:

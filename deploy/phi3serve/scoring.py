@@ -79,12 +79,12 @@ def init() -> None:
     _timeout_s, _max_new_tokens = float(settings.request_timeout_s), settings.max_new_tokens
     _model = ChatModel.load(settings.model_dir, settings)
     _model_name = openai.served_name(settings.model_dir)
-    _engine = engine_for(_model, max_batch=settings.max_batch, max_queue=settings.max_queue, wait_s=settings.batch_wait_s,
-                         choice=settings.engine)
+    _engine = engine_for(
+        _model, max_batch=settings.max_batch, max_queue=settings.max_queue, wait_s=settings.batch_wait_s, choice=settings.engine
+    )
     threading.Thread(target=watchdog, args=(_engine,), name="phi3flow-watchdog", daemon=True).start()
     drain_on_sigterm()
-    log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device,
-             _model.context)
+    log.info("Model ready (%s, %s on %s, context %d tokens)", type(_engine).__name__, _model.dtype, _model.device, _model.context)
     if add_openai_routes():
         log.info("OpenAI routes: %s, %s (model id %r)", openai.CHAT_PATH, openai.MODELS_PATH, _model_name)
 
@@ -149,8 +149,10 @@ def submit(body: bytes | ChatRequest, stream: bool = False) -> tuple[Job, int]:
         raise ShuttingDown()
     request = parse_request(body) if isinstance(body, bytes) else body
     if request.params.max_new_tokens > _max_new_tokens:
-        raise BadRequest(f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
-                         f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}")
+        raise BadRequest(
+            f"parameters.max_new_tokens may be at most {_max_new_tokens} on this server "
+            f"({MAX_NEW_TOKENS_ENV}), got {request.params.max_new_tokens}"
+        )
     return start(engine, model, request, _timeout_s, stream)
 
 
@@ -190,11 +192,14 @@ def _wait(job: Job, client_gone: Callable[[], bool]) -> Answer:
                 raise ServingError("the client closed the connection; generation was stopped", status=499) from None
             if time.monotonic() > give_up:  # past the deadline the engine resolves it with Expired at its next step
                 job.cancel()
-                raise ServingError(f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped", status=504) from None
+                raise ServingError(
+                    f"generation took longer than {TIMEOUT_ENV}={_timeout_s:g} s and was stopped", status=504
+                ) from None
 
 
-def chat_completion(body: bytes | openai.CompletionRequest, client_gone: Callable[[], bool] = lambda: False
-                    ) -> tuple[dict, int, dict[str, str]]:
+def chat_completion(
+    body: bytes | openai.CompletionRequest, client_gone: Callable[[], bool] = lambda: False
+) -> tuple[dict, int, dict[str, str]]:
     """OpenAI's Chat Completions without HTTP, on the same path as score(): (payload, status, headers)."""
     try:
         request = openai.parse(body) if isinstance(body, bytes) else body
@@ -239,8 +244,10 @@ def stream_events(job: Job, dropped: int, first: list[int]) -> Iterator[str]:
         for piece in _deltas(job, list(first)):
             yield _event(DELTA_EVENT, {"text": piece})
         answer = job.future.result()
-        yield _event(DONE_EVENT, {"output": answer.text, "truncated_turns": dropped, "batch_size": answer.batch_size,
-                                  "tokens": answer.tokens})
+        yield _event(
+            DONE_EVENT,
+            {"output": answer.text, "truncated_turns": dropped, "batch_size": answer.batch_size, "tokens": answer.tokens},
+        )
     except ServingError as exc:
         yield _event(ERROR_EVENT, {"message": str(exc), "status": exc.status})
     finally:
@@ -254,7 +261,7 @@ def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
     while True:
         text = model.text(tokens)
         if text.startswith(sent) and len(text) > len(sent):  # whole characters only (ChatModel.text)
-            yield text[len(sent):]
+            yield text[len(sent) :]
             sent = text
         if job.future.done() and stream.empty():
             break
@@ -267,7 +274,7 @@ def _deltas(job: Job, tokens: list[int]) -> Iterator[str]:
             continue
     answer = job.future.result()
     if answer.text.startswith(sent) and len(answer.text) > len(sent):
-        yield answer.text[len(sent):]
+        yield answer.text[len(sent) :]
 
 
 def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[int]) -> Iterator[str]:
@@ -287,7 +294,9 @@ def completion_chunks(request: openai.CompletionRequest, job: Job, first: list[i
         if text := scanner.flush():
             yield openai.chunk(cid, model, created, openai.Delta(content=text))
         count = len(tokens) if scanner.hit else job.future.result().tokens
-        yield openai.chunk(cid, model, created, finish=openai.finish_reason(count, request.chat.params.max_new_tokens, scanner.hit))
+        yield openai.chunk(
+            cid, model, created, finish=openai.finish_reason(count, request.chat.params.max_new_tokens, scanner.hit)
+        )
         if request.include_usage:
             yield openai.chunk(cid, model, created, usage=openai.Usage(len(job.ids), count, len(job.ids) + count))
         yield openai.DONE_LINE
@@ -331,8 +340,10 @@ def _body(request: Any) -> bytes:
     except (OSError, ClientDisconnected):  # the body stopped arriving (the server's read deadline) or the client left
         raise ServingError("the request body did not arrive in time: send it whole", status=408) from None
     except ParseException as exc:  # gunicorn's chunked-body parser: invalid framing is the client's error
-        raise BadRequest(f"the request body's chunked framing is invalid ({type(exc).__name__}): send each chunk as "
-                         "<size in hex>\\r\\n<data>\\r\\n and end with 0\\r\\n\\r\\n") from None
+        raise BadRequest(
+            f"the request body's chunked framing is invalid ({type(exc).__name__}): send each chunk as "
+            "<size in hex>\\r\\n<data>\\r\\n and end with 0\\r\\n\\r\\n"
+        ) from None
 
 
 @rawhttp
@@ -358,8 +369,12 @@ def run(request: Any) -> Any:
         first = _first_tokens(job)
     except ServingError as exc:
         return _json({"message": str(exc)}, exc.status, dict(exc.headers))
-    return Response(stream_events(job, dropped, first), status=200, mimetype=STREAM_MEDIA_TYPE,
-                    headers={**_headers(dropped), **STREAM_HEADERS})
+    return Response(
+        stream_events(job, dropped, first),
+        status=200,
+        mimetype=STREAM_MEDIA_TYPE,
+        headers={**_headers(dropped), **STREAM_HEADERS},
+    )
 
 
 def _openai_answer(request: Any, body: bytes) -> Any:
@@ -372,8 +387,12 @@ def _openai_answer(request: Any, body: bytes) -> Any:
         first = _first_tokens(job)
     except ServingError as exc:
         return _json(openai.error(exc), exc.status, dict(exc.headers))
-    return Response(completion_chunks(parsed, job, first), status=200, mimetype=STREAM_MEDIA_TYPE,
-                    headers={**_headers(dropped), **STREAM_HEADERS})
+    return Response(
+        completion_chunks(parsed, job, first),
+        status=200,
+        mimetype=STREAM_MEDIA_TYPE,
+        headers={**_headers(dropped), **STREAM_HEADERS},
+    )
 
 
 def _openai_view(handle: Callable[[Any], Any]) -> Callable[[], Any]:
