@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +32,9 @@ import requests
 
 from phi3flow.embedded import embedded_model_dir
 from phi3flow.serve import HOST, LocalEndpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import Trickle  # noqa: E402 - the tests' slow-upload clients
 
 QUESTION = {
     "input_data": {
@@ -87,35 +91,13 @@ class Attack:
             sock.close()
 
 
-class WrongKeyUploads:
-    """`count` clients announcing a 1 MiB body with a wrong key: 70 KB at once, then a byte a second; each reconnects
-    when the server cuts it off (`cut` counts those)."""
-
-    def __init__(self, port: int, count: int):
-        self.head = (
-            f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer wrong-key\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {1 << 20}\r\n\r\n"
-        ).encode()
-        self.port, self.cut, self.stopped = port, 0, threading.Event()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def _client(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                with socket.create_connection((HOST, self.port), timeout=5) as sock:
-                    sock.sendall(self.head + b"[" * 70_000)
-                    while not self.stopped.wait(1.0):
-                        sock.sendall(b"[")
-            except OSError:
-                self.cut += 1
-                self.stopped.wait(0.2)
-
-    def close(self) -> None:
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join()
+def wrong_key_uploads(port: int, count: int) -> Trickle:
+    """`count` clients announcing a 1 MiB body with a wrong key, trickling it (the tests' Trickle)."""
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer wrong-key\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {1 << 20}\r\n\r\n"
+    ).encode()
+    return Trickle(port, count, head)
 
 
 def server_rss(endpoint: LocalEndpoint) -> int:
@@ -188,7 +170,7 @@ def measure(worker: str, args: argparse.Namespace) -> dict[str, tuple[list[float
         normal_latencies(endpoint, 2, args.patience)  # warm up
         results = {
             "idle+slow": alternate(endpoint, args, lambda: Attack(endpoint.port, args.idle, args.slow)),
-            "uploads": alternate(endpoint, args, lambda: WrongKeyUploads(endpoint.port, args.uploads)),
+            "uploads": alternate(endpoint, args, lambda: wrong_key_uploads(endpoint.port, args.uploads)),
         }
         if worker == "phi3flow":
             status, growth, sent = chunked_upload(endpoint, args.chunked_mib)

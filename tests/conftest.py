@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -406,3 +407,33 @@ def ask(engine: Engine, model: ChatModel, request: ChatRequest, timeout_s: float
 
     job, dropped = start(engine, model, request, timeout_s)
     return job.future.result(timeout=timeout_s + 5), dropped
+
+
+class Trickle:
+    """`count` clients that send `head`, 70 KB of body, then a byte a second; each reconnects when the server cuts it
+    off (`refused` counts those). Slow uploads for tests/test_hostile.py and bench/hostile_clients.py."""
+
+    def __init__(self, port: int, count: int, head: bytes):
+        self.port, self.head, self.refused = port, head, 0
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        from phi3flow.serve import HOST
+
+        while not self.stopped.is_set():
+            try:
+                with socket.create_connection((HOST, self.port), timeout=5) as sock:
+                    sock.sendall(self.head + b"x" * 70_000)
+                    while not self.stopped.wait(1.0):
+                        sock.sendall(b"x")
+            except OSError:
+                self.refused += 1
+                self.stopped.wait(0.2)
+
+    def close(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()

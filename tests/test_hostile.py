@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import SECRET
+from conftest import SECRET, Trickle
 from phi3flow import connect, serve
 from phi3flow.serve import HOST, LocalEndpoint, free_port
 from phi3serve.gunicorn_config import GRACE_S
@@ -277,34 +277,6 @@ def _timed_question(endpoint) -> float:
     response = requests.post(endpoint.url, json=QUESTION, headers=AUTH, timeout=60)
     assert response.status_code == 200
     return time.monotonic() - started
-
-
-class Trickle:
-    """`count` clients that send `head`, 70 KB of body, then a byte a second; each reconnects when the server cuts it
-    off (`refused` counts those)."""
-
-    def __init__(self, port: int, count: int, head: bytes):
-        self.port, self.head, self.refused = port, head, 0
-        self.stopped = threading.Event()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def _client(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                with socket.create_connection((HOST, self.port), timeout=5) as sock:
-                    sock.sendall(self.head + b"x" * 70_000)
-                    while not self.stopped.wait(1.0):
-                        sock.sendall(b"x")
-            except OSError:
-                self.refused += 1
-                self.stopped.wait(0.2)
-
-    def close(self) -> None:
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join()
 
 
 # --- the server dies with `serve`, and `serve` refuses a port another server holds -----------------------
