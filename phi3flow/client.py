@@ -182,10 +182,7 @@ class EndpointClient:
                     elif event.type == ERROR_EVENT:
                         raise self._stream_error(event, sent)
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                raise EndpointError(
-                    f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
-                    "the answer is incomplete; ask again"
-                ) from None
+                raise self._stream_broke(sent, exc) from None
             raise EndpointError(
                 f"the stream from {self._host()} ended after {len(sent)} characters without its final "
                 f"'{DONE_EVENT}' event: the answer is incomplete; ask again"
@@ -264,10 +261,7 @@ class EndpointClient:
                         sent += piece
                         yield piece
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise EndpointError(
-                f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
-                "the answer is incomplete; ask again"
-            ) from None
+            raise self._stream_broke(sent, exc) from None
         raise EndpointError(
             f"the stream from {self._host()} ended after {len(sent)} characters without 'data: [DONE]': "
             "the answer is incomplete; ask again"
@@ -295,6 +289,13 @@ class EndpointClient:
             )
         if len(output) > len(sent):
             yield output[len(sent) :]
+
+    def _stream_broke(self, sent: str, exc: requests.exceptions.RequestException | urllib3.exceptions.HTTPError) -> EndpointError:
+        """A stream cut after `sent` arrived: never a silently short answer."""
+        return EndpointError(
+            f"the stream from {self._host()} broke after {len(sent)} characters ({_reason(exc)}): "
+            "the answer is incomplete; ask again"
+        )
 
     def _stream_error(self, event: ServerSentEvent, sent: str) -> EndpointError:
         """An error event: the server's message and status, and that the answer is incomplete."""
