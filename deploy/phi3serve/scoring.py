@@ -346,13 +346,22 @@ def _body(request: Any) -> bytes:
         ) from None
 
 
+def _key_ok(request: Any) -> bool:
+    return authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key"))
+
+
+def _event_stream(events: Iterator[str], dropped: int) -> Response:
+    """A 200 of server-sent events (either dialect), with the contract's headers."""
+    return Response(events, status=200, mimetype=STREAM_MEDIA_TYPE, headers={**_headers(dropped), **STREAM_HEADERS})
+
+
 @rawhttp
 def run(request: Any) -> Any:
     """Entry point for each request (raw HTTP so errors keep their 4xx status; SSE when the client asks for it).
 
     A Chat Completions body (`messages`, no `input_data`) is answered as OpenAI's API would: how an OpenAI body reaches
     the deployment through its scoring URI when a client cannot use the /v1 routes."""
-    if not authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key")):
+    if not _key_ok(request):
         return _json({"message": KEY_MESSAGE}, 401, {"WWW-Authenticate": "Bearer"})
     if request.method != "POST":
         return _json({"message": "POST a JSON body to /score"}, 405, {"Allow": "POST"})
@@ -369,12 +378,7 @@ def run(request: Any) -> Any:
         first = _first_tokens(job)
     except ServingError as exc:
         return _json({"message": str(exc)}, exc.status, dict(exc.headers))
-    return Response(
-        stream_events(job, dropped, first),
-        status=200,
-        mimetype=STREAM_MEDIA_TYPE,
-        headers={**_headers(dropped), **STREAM_HEADERS},
-    )
+    return _event_stream(stream_events(job, dropped, first), dropped)
 
 
 def _openai_answer(request: Any, body: bytes) -> Any:
@@ -387,12 +391,7 @@ def _openai_answer(request: Any, body: bytes) -> Any:
         first = _first_tokens(job)
     except ServingError as exc:
         return _json(openai.error(exc), exc.status, dict(exc.headers))
-    return Response(
-        completion_chunks(parsed, job, first),
-        status=200,
-        mimetype=STREAM_MEDIA_TYPE,
-        headers={**_headers(dropped), **STREAM_HEADERS},
-    )
+    return _event_stream(completion_chunks(parsed, job, first), dropped)
 
 
 def _openai_view(handle: Callable[[Any], Any]) -> Callable[[], Any]:
@@ -401,7 +400,7 @@ def _openai_view(handle: Callable[[Any], Any]) -> Callable[[], Any]:
     def view() -> Any:
         from flask import request
 
-        if not authorized(_key, request.headers.get("Authorization"), request.headers.get("api-key")):
+        if not _key_ok(request):
             return _json(openai.error_body(KEY_MESSAGE, 401), 401, {"WWW-Authenticate": "Bearer"})
         return handle(request)
 
