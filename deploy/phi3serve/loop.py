@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -199,9 +200,7 @@ class Decoder:
 
     def forward(self, long: Any, **inputs: Any) -> Any:
         """The next-token scores (fp32) of each row's last position, rows with `long` set on long factors."""
-        if self.rotary is None:
-            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-        with self.rotary.rows(long):
+        with self.rotary.rows(long) if self.rotary is not None else nullcontext():
             return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
 
     def decode(
